@@ -1,0 +1,1024 @@
+"""XiNet: online training and pruning of deep RL networks, in one file.
+
+SAC (Haarnoja et al. 2018) on features learned online by OFENet (Ota et al. 2020), where every
+hidden unit is multiplied by a Bernoulli gate xi_j ~ Bernoulli(theta_j). The gate parameters
+theta are trained together with the weights on
+
+    E_xi[ loss_N(W, xi) ] / s_N  +  gamma * P(theta) / P(1)                               (Eq. 3)
+
+where P(theta) is the expected parameter count of the whole agent. The objective is affine in
+each theta_j, so theta ends at 0 or 1; units at 0 are removed and every tensor that touches them
+shrinks (Guenter & Sideris, arXiv 2507.11975). The formulation followed here is the project's
+own (see METHOD.md / README.md), since only the paper's abstract is public.
+
+Read top to bottom: config, data, building blocks, networks, the objective, pruning, the update,
+the loop, main. Equation numbers match tutorial.ipynb.
+
+    python xinet.py --env Hopper-v4
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import copy
+import csv
+import dataclasses
+import inspect
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional, Union
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Config:
+    env: str = "Hopper-v4"
+    """gymnasium environment id (any with a Box action space)"""
+    seed: int = 1
+    """random seed of torch, numpy and the environments"""
+    total_steps: int = 1_000_000
+    """environment steps of the whole run"""
+    learning_starts: int = 10_000
+    """environment steps with uniformly random actions before any update"""
+    pretrain_steps: int = 10_000
+    """OFENet updates on the warm-up data before SAC starts"""
+    batch_size: int = 256
+    """minibatch size of every update"""
+    buffer_size: int = 1_000_000
+    """replay buffer capacity (transitions)"""
+    discount: float = 0.99
+    """SAC discount factor"""
+    tau: float = 0.005
+    """Polyak averaging rate of the target critics"""
+    lr: float = 3e-4
+    """Adam learning rate of actor, critics, temperature and OFENet weights"""
+    hidden: int = 256
+    """units in each of the two hidden layers of the actor and of each critic"""
+    ofenet: bool = True
+    """learn OFENet features for SAC (--no-ofenet: plain SAC on raw observations)"""
+    ofe_layers: int = 0
+    """DenseNet layers per OFENet block (0: per-environment default, 6 or 8)"""
+    ofe_units: int = 0
+    """units per OFENet layer (0: per-environment default, 40 or 30)"""
+    gates: bool = True
+    """Bernoulli-gate units and prune (--no-gates: the dense agent)"""
+    gate: str = "ofenet,actor,critic"
+    """comma-separated networks whose hidden units carry gates"""
+    estimator: str = "flip"
+    """gradient estimator of dE[loss]/dtheta: flip (unbiased) or pathwise (cheap, biased)"""
+    prune_strength: float = -1.0
+    """gamma of Eq. 3, the price of a full agent's parameters in loss units (<0: estimator default)"""
+    prune_start: int = 0
+    """environment step at which gate training and pruning begin (never before pre-training ends)"""
+    prune_ramp: int = 10_000
+    """environment steps over which gamma ramps linearly from 0 to its value"""
+    prune_every: int = 1_000
+    """environment steps between pruning events"""
+    gate_lr: float = 1e-3
+    """Adam learning rate of the gate parameters theta"""
+    loss_ema: float = 0.99
+    """decay of the running loss scale s_N of Eq. 3"""
+    eval_every: int = 5_000
+    """environment steps between evaluations (and checkpoints)"""
+    eval_episodes: int = 10
+    """episodes per evaluation"""
+    log_every: int = 1_000
+    """environment steps (or pre-training updates) between progress lines"""
+    device: str = "auto"
+    """auto, cpu or cuda"""
+    threads: int = 0
+    """torch CPU threads (0: torch's default)"""
+    out: str = ""
+    """run directory (default runs/<env>__<seed>__<timestamp>)"""
+    arch_from: str = ""
+    """build the architecture of this checkpoint with fresh weights and no gates"""
+
+
+CHOICES = {"estimator": ("flip", "pathwise"), "device": ("auto", "cpu", "cuda")}
+DEFAULT_STRENGTH = {"flip": 0.05, "pathwise": 3.0}
+NETWORKS = ("ofenet", "actor", "critic")
+
+
+def ofenet_size(env_id: str) -> tuple[int, int]:
+    """OFENet's reference (layers, units) per block: 8x30 for HalfCheetah and Humanoid, else 6x40."""
+    return (8, 30) if env_id.startswith(("HalfCheetah", "Humanoid")) else (6, 40)
+
+
+class UserError(Exception):
+    """A mistake in the command line, environment or checkpoint: reported in one sentence."""
+
+
+def validate(cfg: Config) -> Config:
+    for name in ("total_steps", "batch_size", "buffer_size", "eval_every", "eval_episodes",
+                 "prune_every", "hidden", "log_every"):
+        if getattr(cfg, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}.")
+    for name in ("learning_starts", "pretrain_steps", "prune_start", "prune_ramp", "ofe_layers",
+                 "ofe_units", "threads"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(cfg, name)}.")
+    for name in ("lr", "gate_lr"):
+        if not getattr(cfg, name) > 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}.")
+    if not (0 < cfg.discount <= 1 and 0 < cfg.tau <= 1 and 0 <= cfg.loss_ema < 1):
+        raise UserError("--discount and --tau must lie in (0, 1] and --loss-ema in [0, 1).")
+    unknown = set(filter(None, cfg.gate.split(","))) - set(NETWORKS)
+    if unknown:
+        raise UserError(f"--gate takes a comma-separated subset of {', '.join(NETWORKS)}, not {', '.join(sorted(unknown))}.")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA device is available.")
+    if cfg.prune_strength < 0:
+        cfg.prune_strength = DEFAULT_STRENGTH[cfg.estimator]
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+
+class ReplayBuffer:
+    """A ring buffer of (obs, action, reward, next_obs, terminated), preallocated on `device`.
+
+    `terminated` is the MDP's end (no bootstrap); a time-limit truncation is stored as not
+    terminated, so the critic target still bootstraps from next_obs there.
+    """
+
+    def __init__(self, obs_dim: int, act_dim: int, capacity: int, device: torch.device):
+        def zeros(*shape):
+            return torch.zeros(capacity, *shape, dtype=torch.float32, device=device)
+        self.obs, self.next_obs = zeros(obs_dim), zeros(obs_dim)
+        self.action, self.reward, self.terminated = zeros(act_dim), zeros(), zeros()
+        self.capacity, self.device, self.pos, self.size = capacity, device, 0, 0
+
+    def add(self, obs, action, reward, next_obs, terminated) -> None:
+        i = self.pos
+        for buf, x in ((self.obs, obs), (self.action, action), (self.next_obs, next_obs)):
+            buf[i] = torch.as_tensor(x, dtype=torch.float32)
+        self.reward[i], self.terminated[i] = float(reward), float(terminated)
+        self.pos, self.size = (i + 1) % self.capacity, min(self.size + 1, self.capacity)
+
+    def sample(self, batch_size: int) -> tuple[torch.Tensor, ...]:
+        """Uniform minibatch: obs (B, d_o), action (B, d_a), reward (B,), next_obs (B, d_o), terminated (B,)."""
+        idx = torch.randint(self.size, (batch_size,), device=self.device)
+        return (self.obs[idx], self.action[idx], self.reward[idx], self.next_obs[idx],
+                self.terminated[idx])
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks: the Bernoulli-gated linear layer
+# ----------------------------------------------------------------------------------------------
+
+class GatedLinear(nn.Module):
+    """y = xi * act(BN(W x + b)),  xi_j ~ Bernoulli(theta_j),  theta in [0, 1]^out.      (Eq. 1)
+
+    Gate modes (METHOD.md section 2), chosen by the module's train/eval flag, like BatchNorm:
+      train(): the layer's own training pass: xi is drawn per example and unit;
+      eval():  everywhere else: the mean gate, y = theta * act(BN(W x + b)).
+    At theta in {0, 1} the two agree.
+
+    Gradient of theta in a training pass (Eq. 5, 6):
+      pathwise: the drawn xi acts as xi + theta - stopgrad(theta), so autograd gives dloss/dxi;
+      flip:     no autograd gradient; `flip_estimate` sets theta.grad from one extra forward
+                pass with one gate per example flipped (set `self.flip` for that pass).
+    With gated=False this is a plain linear layer (+BN, activation): no theta, no gate.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, batch_norm: bool = False,
+                 activation: Optional[Callable] = None, gated: bool = True,
+                 estimator: str = "flip", min_units: int = 0):
+        super().__init__()
+        self.linear = nn.Linear(in_features, out_features)
+        self.bn = nn.BatchNorm1d(out_features) if batch_norm else None
+        self.activation = activation
+        self.theta = nn.Parameter(torch.ones(out_features)) if gated else None
+        self.estimator, self.min_units = estimator, min_units
+        self.xi: Optional[torch.Tensor] = None    # (B, out) gates of the last training pass
+        self.flip: Optional[torch.Tensor] = None  # (B, out) bool: gates to flip in a replay pass
+        self._batch_stats = None                  # BN mean/var of the last training pass
+
+    @property
+    def out_features(self) -> int:
+        return self.linear.out_features
+
+    def expected_width(self) -> torch.Tensor | int:
+        """E[number of units present] = sum_j theta_j (the full width when ungated)."""
+        return self.theta.sum() if self.theta is not None else self.out_features
+
+    def _normalize(self, z: torch.Tensor) -> torch.Tensor:
+        if self.flip is not None:  # replay pass: the main pass's batch statistics, no update
+            mean, var = self._batch_stats
+            return F.batch_norm(z, mean, var, self.bn.weight, self.bn.bias, False, 0.0, self.bn.eps)
+        if self.training and self.theta is not None and self.estimator == "flip":
+            self._batch_stats = (z.mean(0).detach(), z.var(0, unbiased=False).detach())
+        return self.bn(z)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, in) -> (B, out)
+        h = self.linear(x)
+        if self.bn is not None:
+            h = self._normalize(h)
+        if self.activation is not None:
+            h = self.activation(h)
+        if self.theta is None:
+            return h
+        if not self.training:
+            return h * self.theta
+        if self.flip is not None:
+            return h * torch.where(self.flip, 1.0 - self.xi, self.xi)
+        self.xi = (torch.rand_like(h) < self.theta.detach()).to(h.dtype)
+        if self.estimator == "pathwise":
+            return h * (self.xi + self.theta - self.theta.detach())
+        return h * self.xi
+
+    @torch.no_grad()
+    def shrink(self, keep_out: Optional[torch.Tensor] = None, keep_in: Optional[torch.Tensor] = None,
+               optimizers=()) -> None:
+        """Physically remove output units (keep_out) and input columns (keep_in), with the
+        matching entries of every optimizer's state; parameter objects stay the same."""
+        def cut(p: torch.Tensor, dim: int, index: torch.Tensor) -> None:
+            old_shape = p.shape
+            p.data = p.data.index_select(dim, index)
+            p.grad = None
+            for opt in optimizers:
+                for k, v in opt.state.get(p, {}).items():
+                    if torch.is_tensor(v) and v.shape == old_shape:
+                        opt.state[p][k] = v.index_select(dim, index)
+
+        if keep_in is not None and not bool(keep_in.all()):
+            cut(self.linear.weight, 1, keep_in.nonzero().squeeze(1))
+            self.linear.in_features = self.linear.weight.shape[1]
+        if keep_out is not None and not bool(keep_out.all()):
+            index = keep_out.nonzero().squeeze(1)
+            for p in (self.linear.weight, self.linear.bias, self.theta):
+                if p is not None:
+                    cut(p, 0, index)
+            if self.bn is not None:
+                cut(self.bn.weight, 0, index)
+                cut(self.bn.bias, 0, index)
+                self.bn.running_mean = self.bn.running_mean[index]
+                self.bn.running_var = self.bn.running_var[index]
+                self.bn.num_features = len(index)
+            self.linear.out_features = len(index)
+            self.xi = self.flip = self._batch_stats = None
+
+
+def gated_layers(module: nn.Module) -> list[GatedLinear]:
+    """The GatedLinear layers of a module that carry gates, in registration order."""
+    return [m for m in module.modules() if isinstance(m, GatedLinear) and m.theta is not None]
+
+
+@torch.no_grad()
+def flip_estimate(groups: list[list[GatedLinear]], losses: torch.Tensor,
+                  replay: Callable[[], torch.Tensor]) -> dict[GatedLinear, torch.Tensor]:
+    """Unbiased dE[L]/dtheta, L = mean_i loss_i, by flipping one gate per example.      (Eq. 6)
+
+    Exactly, dE[L]/dtheta_j = E[L | xi_j = 1] - E[L | xi_j = 0]. Each example i flips one unit
+    j(i), drawn uniformly from its group's U units, and is evaluated again (`replay`, all else
+    equal); then
+        g_j = (U / B) * sum_{i: j(i) = j} (2 xi_ij - 1) * (loss_i - loss_i^flip).
+    Groups are separable parts of the loss (the twin critics): column k of `losses` (B, G)
+    depends only on group k's gates, so every group flips one unit per example in one replay.
+    Call after the main training pass (its xi are used) and before the weights change.
+    """
+    B = losses.shape[0]
+    picks = []
+    for group in groups:
+        sizes = [layer.out_features for layer in group]
+        U = sum(sizes)
+        pick = torch.randint(U, (B, 1), device=losses.device)
+        start = 0
+        for layer, n in zip(group, sizes):
+            layer.flip = pick == torch.arange(start, start + n, device=losses.device)  # (B, n)
+            start += n
+        picks.append(U)
+    try:
+        delta = losses.detach() - replay()  # (B, G)
+    finally:
+        flips = {layer: layer.flip for group in groups for layer in group}
+        for layer in flips:
+            layer.flip = None
+    grads = {}
+    for k, (group, U) in enumerate(zip(groups, picks)):
+        for layer in group:
+            signed = (2.0 * layer.xi - 1.0) * flips[layer]          # (B, n)
+            grads[layer] = (delta[:, k:k + 1] * signed).sum(0) * (U / B)
+    return grads
+
+
+def mlp(in_dim: int, widths: list[int], out_dim: int, gated: bool, estimator: str) -> nn.Sequential:
+    """ReLU MLP whose hidden units are gated (each hidden layer keeps at least one unit)."""
+    layers, d = [], in_dim
+    for w in widths:
+        layers.append(GatedLinear(d, w, activation=F.relu, gated=gated, estimator=estimator, min_units=1))
+        d = w
+    layers.append(GatedLinear(d, out_dim, gated=False))
+    return nn.Sequential(*layers)
+
+
+# ----------------------------------------------------------------------------------------------
+# Networks: OFENet, actor, twin critics
+# ----------------------------------------------------------------------------------------------
+
+class OFENet(nn.Module):
+    """Online feature extractor: two DenseNet blocks and an auxiliary next-observation head.
+
+        z_o  = phi_o(o)        = [o, h_1, ..., h_L],     h_k = xi * swish(BN(W_k [o, h_<k]))
+        z_oa = phi_oa(z_o, a)  = [z_o, a, g_1, ..., g_L], g_k likewise on [z_o, a, g_<k]   (Eq. 2)
+        o'_hat = head(z_oa), trained by MSE on the next observation only.
+    """
+
+    def __init__(self, obs_dim: int, act_dim: int, state_widths: list[int], sa_widths: list[int],
+                 gated: bool, estimator: str):
+        super().__init__()
+        self.obs_dim, self.act_dim = obs_dim, act_dim
+
+        def block(d: int, widths: list[int]) -> nn.ModuleList:
+            layers = nn.ModuleList()
+            for w in widths:
+                layers.append(GatedLinear(d, w, batch_norm=True, activation=F.silu, gated=gated,
+                                          estimator=estimator))
+                d += w
+            return layers
+
+        self.state_block = block(obs_dim, state_widths)
+        self.state_dim = obs_dim + sum(state_widths)
+        self.sa_block = block(self.state_dim + act_dim, sa_widths)
+        self.state_action_dim = self.state_dim + act_dim + sum(sa_widths)
+        self.head = GatedLinear(self.state_action_dim, obs_dim, gated=False)
+
+    @staticmethod
+    def _dense(x: torch.Tensor, block: nn.ModuleList) -> torch.Tensor:
+        for layer in block:
+            x = torch.cat([x, layer(x)], dim=-1)
+        return x
+
+    def state_features(self, obs: torch.Tensor) -> torch.Tensor:  # (B, d_o) -> (B, state_dim)
+        return self._dense(obs, self.state_block)
+
+    def state_action_features(self, z_o: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        return self._dense(torch.cat([z_o, action], dim=-1), self.sa_block)  # (B, state_action_dim)
+
+    def predict_next_obs(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        return self.head(self.state_action_features(self.state_features(obs), action))
+
+
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
+
+
+class Actor(nn.Module):
+    """Tanh-squashed Gaussian policy a = scale * tanh(mu + sigma * eps) + bias on z_o."""
+
+    def __init__(self, in_dim: int, widths: list[int], act_low: np.ndarray, act_high: np.ndarray,
+                 gated: bool, estimator: str):
+        super().__init__()
+        act_dim = len(act_low)
+        self.net = mlp(in_dim, widths, 2 * act_dim, gated, estimator)
+        self.register_buffer("scale", torch.as_tensor((act_high - act_low) / 2, dtype=torch.float32))
+        self.register_buffer("bias", torch.as_tensor((act_high + act_low) / 2, dtype=torch.float32))
+
+    def forward(self, z: torch.Tensor, eps: Optional[torch.Tensor] = None, deterministic: bool = False):
+        """Returns action (B, d_a) and log pi(action | z) (B,). `eps` fixes the policy noise.   (Eq. 8)"""
+        mu, log_std = self.net(z).chunk(2, dim=-1)
+        log_std = LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (torch.tanh(log_std) + 1)
+        if deterministic:
+            return torch.tanh(mu) * self.scale + self.bias, None
+        if eps is None:
+            eps = torch.randn_like(mu)
+        u = mu + log_std.exp() * eps
+        # log N(u; mu, sigma) - sum log |da/du|,  log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u))
+        log_prob = (-0.5 * eps.pow(2) - log_std - 0.5 * math.log(2 * math.pi)
+                    - 2 * (math.log(2) - u - F.softplus(-2 * u)) - self.scale.log()).sum(-1)
+        return torch.tanh(u) * self.scale + self.bias, log_prob
+
+
+class Critic(nn.Module):
+    """Twin Q-networks on z_oa; forward returns both, (B, 2)."""
+
+    def __init__(self, in_dim: int, widths: list[list[int]], gated: bool, estimator: str):
+        super().__init__()
+        self.qs = nn.ModuleList(mlp(in_dim, w, 1, gated, estimator) for w in widths)
+
+    def forward(self, z_oa: torch.Tensor) -> torch.Tensor:
+        return torch.cat([q(z_oa) for q in self.qs], dim=-1)
+
+
+def td_target(reward: torch.Tensor, terminated: torch.Tensor, next_value: torch.Tensor,
+              discount: float) -> torch.Tensor:
+    """y = r + discount * (1 - terminated) * V(o'); a truncated step still bootstraps.   (Eq. 7)"""
+    return reward + discount * (1.0 - terminated) * next_value
+
+
+# ----------------------------------------------------------------------------------------------
+# The agent and the objective: expected parameter count P(theta)
+# ----------------------------------------------------------------------------------------------
+
+Source = Union[int, GatedLinear]  # a segment of a layer's input: fixed width, or another layer's units
+
+
+class Agent(nn.Module):
+    """OFENet + SAC with Bernoulli gates; owns the networks, their optimizers and the pruning."""
+
+    def __init__(self, cfg: Config, obs_dim: int, act_low: np.ndarray, act_high: np.ndarray,
+                 widths: Optional[dict[str, list]] = None, device: torch.device | str = "cpu"):
+        super().__init__()
+        self.cfg = cfg
+        act_dim = len(act_low)
+        self.obs_dim, self.act_dim = obs_dim, act_dim
+        gated = set(filter(None, cfg.gate.split(","))) if cfg.gates else set()
+        est = cfg.estimator
+        layers, units = ofenet_size(cfg.env)
+        layers, units = cfg.ofe_layers or layers, cfg.ofe_units or units
+        w = widths or {"state": [units] * layers, "state_action": [units] * layers,
+                       "actor": [cfg.hidden] * 2, "critic": [[cfg.hidden] * 2] * 2}
+        if cfg.ofenet:
+            self.ofenet = OFENet(obs_dim, act_dim, w["state"], w["state_action"], "ofenet" in gated, est)
+            zo_dim, zoa_dim = self.ofenet.state_dim, self.ofenet.state_action_dim
+        else:
+            self.ofenet = None
+            zo_dim, zoa_dim = obs_dim, obs_dim + act_dim
+        self.actor = Actor(zo_dim, w["actor"], act_low, act_high, "actor" in gated, est)
+        self.critic = Critic(zoa_dim, w["critic"], "critic" in gated, est)
+        self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
+        self.log_alpha = nn.Parameter(torch.zeros(()))
+        self.target_entropy = -float(act_dim)
+        self.to(device)
+
+        def adam(params, lr):
+            params = list(params)
+            return torch.optim.Adam(params, lr=lr) if params else None
+
+        weights = lambda m: [p for n, p in m.named_parameters() if not n.endswith("theta")]
+        self.ofenet_opt = adam(weights(self.ofenet), cfg.lr) if self.ofenet else None
+        self.actor_opt = adam(weights(self.actor), cfg.lr)
+        self.critic_opt = adam(weights(self.critic), cfg.lr)
+        self.alpha_opt = adam([self.log_alpha], cfg.lr)
+        self.gate_opt = adam(self.thetas(), cfg.gate_lr)
+        self.loss_scale: dict[str, torch.Tensor] = {}  # s_N of Eq. 3, per network
+        self.dense_params = float(self.expected_params())  # P(1) (all theta start at 1)
+
+    # --- structure -----------------------------------------------------------------------------
+    def networks(self) -> dict[str, nn.Module]:
+        nets = {"ofenet": self.ofenet, "actor": self.actor, "critic": self.critic}
+        return {k: v for k, v in nets.items() if v is not None}
+
+    def gated(self) -> list[GatedLinear]:
+        """The online layers that carry gates (target critics excluded)."""
+        return [layer for net in self.networks().values() for layer in gated_layers(net)]
+
+    def thetas(self) -> list[nn.Parameter]:
+        return [layer.theta for layer in self.gated()]
+
+    def wiring(self, targets: bool = True) -> list[tuple[GatedLinear, list[Source]]]:
+        """Every linear layer with the segments its input is concatenated from, in order.
+
+        This is the one place that knows which units read which: P(theta) and prune() are
+        generic over it. Target critics read the online OFENet's features.
+        """
+        o, a = self.obs_dim, self.act_dim
+        wires: list[tuple[GatedLinear, list[Source]]] = []
+        if self.ofenet is not None:
+            S, SA = list(self.ofenet.state_block), list(self.ofenet.sa_block)
+            z_o, z_oa = [o, *S], [o, *S, a, *SA]
+            wires += [(layer, [o, *S[:k]]) for k, layer in enumerate(S)]
+            wires += [(layer, [*z_o, a, *SA[:k]]) for k, layer in enumerate(SA)]
+            wires.append((self.ofenet.head, z_oa))
+        else:
+            z_o, z_oa = [o], [o, a]
+
+        def chain(net: nn.Sequential, inputs: list[Source]):
+            for layer in net:
+                wires.append((layer, inputs))
+                inputs = [layer]
+
+        chain(self.actor.net, z_o)
+        for q in self.critic.qs:
+            chain(q, z_oa)
+        if targets:
+            for q in self.critic_target.qs:
+                chain(q, z_oa)
+        return wires
+
+    def expected_params(self) -> torch.Tensor:
+        """P(theta): expected trainable parameter count of OFENet (+head), actor and critics.  (Eq. 4)
+
+        A layer with expected input width E[in] = sum over its input segments (fixed widths, or
+        sum theta of the gated units read) and expected output width E[out] holds
+        E[in] * E[out] weights + (1 bias + 2 BN) * E[out]. Gates are independent and no unit
+        reads itself, so this is exact; at binary theta it is the compacted agent's count.
+        """
+        total = torch.zeros((), device=self.log_alpha.device)
+        for layer, sources in self.wiring(targets=False):
+            e_in = sum(s if isinstance(s, int) else s.expected_width() for s in sources)
+            e_out = layer.expected_width()
+            total = total + e_out * (e_in + 1 + (2 if layer.bn is not None else 0))
+        return total
+
+    def num_params(self) -> int:
+        """Actual weights, biases and BN affine parameters, targets, theta and alpha excluded."""
+        return sum(p.numel() for layer, _ in self.wiring(targets=False)
+                   for n, p in layer.named_parameters() if n != "theta")
+
+    def network_params(self) -> dict[str, int]:
+        return {name: sum(p.numel() for n, p in net.named_parameters() if not n.endswith("theta"))
+                for name, net in self.networks().items()}
+
+    def widths(self) -> dict[str, list]:
+        """Hidden widths per layer: enough to rebuild this (possibly pruned) architecture."""
+        hidden = lambda seq: [layer.out_features for layer in list(seq)[:-1]]
+        w = {"actor": hidden(self.actor.net), "critic": [hidden(q) for q in self.critic.qs]}
+        if self.ofenet is not None:
+            w["state"] = [layer.out_features for layer in self.ofenet.state_block]
+            w["state_action"] = [layer.out_features for layer in self.ofenet.sa_block]
+        return w
+
+    def hidden_layers(self) -> dict[str, GatedLinear]:
+        """Every online layer whose units can be gated (OFENet blocks, actor and critic hidden)."""
+        out = {}
+        for name, net in self.networks().items():
+            out.update({f"{name}.{n}": m for n, m in net.named_modules()
+                        if isinstance(m, GatedLinear) and (m.theta is not None or m.min_units
+                                                           or n.split(".")[0] in ("state_block", "sa_block"))})
+        return out
+
+    def alive_units(self) -> dict[str, int]:
+        """Units present (theta > 0, or ungated) per hidden layer."""
+        return {name: int((m.theta > 0).sum()) if m.theta is not None else m.out_features
+                for name, m in self.hidden_layers().items()}
+
+    def flops_per_action(self) -> int:
+        """Multiply-adds x 2 of one deterministic action of the deployed policy (phi_o + actor)."""
+        layers = list(self.ofenet.state_block) if self.ofenet is not None else []
+        layers += list(self.actor.net)
+        return sum(2 * l.linear.in_features * l.out_features for l in layers)
+
+    # --- acting ------------------------------------------------------------------------------
+    def state_features(self, obs: torch.Tensor) -> torch.Tensor:
+        return obs if self.ofenet is None else self.ofenet.state_features(obs)
+
+    def state_action_features(self, z_o: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        if self.ofenet is None:
+            return torch.cat([z_o, action], dim=-1)
+        return self.ofenet.state_action_features(z_o, action)
+
+    @torch.no_grad()
+    def act(self, obs: np.ndarray, deterministic: bool = True) -> np.ndarray:
+        """Action for one observation (d_o,) or a batch (N, d_o); mean gates, BN running stats."""
+        self.eval()
+        x = torch.as_tensor(obs, dtype=torch.float32, device=self.log_alpha.device)
+        action, _ = self.actor(self.state_features(x.reshape(-1, self.obs_dim)), deterministic=deterministic)
+        return action.reshape(*x.shape[:-1], self.act_dim).cpu().numpy()
+
+    @torch.no_grad()
+    def q_values(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        self.eval()
+        return self.critic(self.state_action_features(self.state_features(obs), action))
+
+    # ------------------------------------------------------------------------------------------
+    # Pruning
+    # ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def prune(self) -> int:
+        """Remove every unit whose theta is exactly 0, everywhere it appears.
+
+        Its row of W, b and BN (and theta), every column that reads it downstream (later DenseNet
+        layers, the state-action block, the head, the first layers of actor, critics and target
+        critics) and the matching Adam moments go. A pruned unit contributes 0 in both gate
+        modes, so the agent computes exactly the same function before and after.
+        Returns the number of units removed.
+        """
+        keep: dict[GatedLinear, torch.Tensor] = {}
+        for layer in gated_layers(self):  # online and target layers (targets mirror the gates)
+            k = layer.theta > 0
+            if layer.min_units and int(k.sum()) < layer.min_units:
+                k[layer.theta.topk(layer.min_units).indices] = True
+            keep[layer] = k
+        online = set(self.gated())
+        removed = sum(int((~k).sum()) for layer, k in keep.items() if layer in online)
+        if removed == 0:
+            return 0
+        optimizers = [o for o in (self.ofenet_opt, self.actor_opt, self.critic_opt, self.gate_opt) if o]
+        dev = self.log_alpha.device
+        for layer, sources in self.wiring(targets=True):
+            cols = torch.cat([torch.ones(s, dtype=torch.bool, device=dev) if isinstance(s, int)
+                              else keep.get(s, torch.ones(s.out_features, dtype=torch.bool, device=dev))
+                              for s in sources])
+            layer.shrink(keep.get(layer), cols, optimizers)
+        return removed
+
+
+
+# ----------------------------------------------------------------------------------------------
+# The update
+# ----------------------------------------------------------------------------------------------
+
+def loss_scale(agent: Agent, key: str, loss: torch.Tensor) -> torch.Tensor:
+    """s_N <- beta * s_N + (1 - beta) * |loss|: a gradient-free size of network N's loss, so that
+    one gamma means the same for every network and reward scale (Eq. 3)."""
+    size = loss.detach().abs()
+    if key not in agent.loss_scale:
+        agent.loss_scale[key] = size.clone()
+    else:
+        agent.loss_scale[key].lerp_(size, 1.0 - agent.cfg.loss_ema)
+    return agent.loss_scale[key].clamp_min(1e-8)
+
+
+def train_network(agent: Agent, key: str, net: nn.Module, optimizer: torch.optim.Optimizer,
+                  per_example_loss: Callable[[], torch.Tensor], gates_on: bool,
+                  groups: Optional[list[list[GatedLinear]]] = None) -> torch.Tensor:
+    """One gradient step of network `net` on its own loss; writes theta.grad of E[loss]/s_N.
+
+    `per_example_loss()` runs the network's training pass (sampled gates) and returns (B, G)
+    losses whose sum over G, averaged over B, is the loss. With the flip estimator it is
+    called once more with flipped gates, before the weights move.
+    """
+    net.train()
+    losses = per_example_loss()
+    loss = losses.sum(-1).mean()
+    s = loss_scale(agent, key, loss)
+    layers = gated_layers(net) if gates_on else []
+    flip = layers and agent.cfg.estimator == "flip"
+    flip_grads = flip_estimate(groups or [layers], losses, per_example_loss) if flip else None
+    weights = [p for n, p in net.named_parameters() if not n.endswith("theta")]
+    pathwise = [layer.theta for layer in layers] if layers and not flip else []
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward(inputs=weights + pathwise)
+    optimizer.step()
+    for layer in layers:
+        grad = flip_grads[layer] if flip else layer.theta.grad
+        layer.theta.grad = grad / s
+    net.eval()
+    return loss.detach()
+
+
+def update_ofenet(agent: Agent, obs, action, next_obs, gates_on: bool) -> torch.Tensor:
+    """Auxiliary loss: MSE of the predicted next observation, per example (B, 1)."""
+    ofenet = agent.ofenet
+    errors = lambda: (ofenet.predict_next_obs(obs, action) - next_obs).pow(2).mean(-1, keepdim=True)
+    return train_network(agent, "ofenet", ofenet, agent.ofenet_opt, errors, gates_on)
+
+
+@torch.no_grad()
+def polyak_(target: nn.Module, online: nn.Module, tau: float) -> None:
+    """target <- (1 - tau) target + tau online, for weights; gates are copied in gate_step."""
+    pairs = [(pt, p) for (n, pt), p in zip(target.named_parameters(), online.parameters())
+             if not n.endswith("theta")]
+    torch._foreach_lerp_([pt for pt, _ in pairs], [p for _, p in pairs], tau)
+
+
+def gate_step(agent: Agent, strength: float) -> None:
+    """theta <- clip_[0,1](theta - Adam(dL/dtheta + strength * dP/dtheta / P(1)))      (Eq. 9)
+
+    theta.grad already holds each network's loss term; P's gradient is every unit's marginal
+    cost (fan-in + one weight per downstream reader), the cost-aware regulariser. The last unit
+    of an MLP hidden layer is not allowed to leave. Target critics' gates mirror the online ones.
+    """
+    layers = agent.gated()
+    if not layers:
+        return
+    thetas = [layer.theta for layer in layers]
+    cost = torch.autograd.grad(agent.expected_params() / agent.dense_params, thetas)
+    before = [t.detach().clone() for t in thetas]
+    for t, c in zip(thetas, cost):
+        t.grad = strength * c if t.grad is None else t.grad + strength * c
+    agent.gate_opt.step()
+    agent.gate_opt.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for layer, t, b in zip(layers, thetas, before):
+            t.clamp_(0.0, 1.0)
+            if layer.min_units:  # restore the strongest unit if the step emptied the layer
+                j = b.argmax()
+                t[j] = torch.where(t.max() > 0, t[j], b[j])
+        for lt, lo in zip(gated_layers(agent.critic_target), gated_layers(agent.critic)):
+            lt.theta.copy_(lo.theta)
+
+
+def update(agent: Agent, batch, gates_on: bool = False, strength: float = 0.0) -> dict[str, torch.Tensor]:
+    """One XiNet step on a minibatch: OFENet, twin critics, actor, temperature, gates."""
+    cfg = agent.cfg
+    obs, action, reward, next_obs, terminated = batch
+    agent.eval()  # mean gates and BN running statistics wherever a network is not training
+    if gates_on:
+        agent.gate_opt.zero_grad(set_to_none=True)
+    info = {}
+    if agent.ofenet is not None:
+        info["ofenet_loss"] = update_ofenet(agent, obs, action, next_obs, gates_on)
+
+    alpha = agent.log_alpha.exp().detach()
+    with torch.no_grad():
+        z_o, z_next = agent.state_features(torch.cat([obs, next_obs])).chunk(2)  # (B, state_dim) x2
+        z_oa = agent.state_action_features(z_o, action)                         # (B, state_action_dim)
+        next_action, next_logp = agent.actor(z_next)
+        next_q = agent.critic_target(agent.state_action_features(z_next, next_action)).min(-1).values
+        y = td_target(reward, terminated, next_q - alpha * next_logp, cfg.discount)  # (B,)
+
+    td_errors = lambda: (agent.critic(z_oa) - y[:, None]).pow(2)  # (B, 2): separable twins
+    groups = [gated_layers(q) for q in agent.critic.qs]
+    info["critic_loss"] = train_network(agent, "critic", agent.critic, agent.critic_opt, td_errors,
+                                        gates_on, groups=groups)
+
+    eps = torch.randn(obs.shape[0], agent.act_dim, device=obs.device)  # one noise for both passes
+    log_probs = []
+
+    def policy_loss() -> torch.Tensor:  # (B, 1): alpha log pi(a|o) - min_k Q_k(o, a), a ~ pi
+        a, logp = agent.actor(z_o, eps)
+        log_probs.append(logp.detach())
+        q = agent.critic(agent.state_action_features(z_o, a)).min(-1).values
+        return (alpha * logp - q)[:, None]
+
+    info["actor_loss"] = train_network(agent, "actor", agent.actor, agent.actor_opt, policy_loss, gates_on)
+    alpha_loss = -(agent.log_alpha * (log_probs[0] + agent.target_entropy)).mean()
+    agent.alpha_opt.zero_grad(set_to_none=True)
+    alpha_loss.backward()
+    agent.alpha_opt.step()
+    polyak_(agent.critic_target, agent.critic, cfg.tau)
+    if gates_on:
+        gate_step(agent, strength)
+    return info
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------
+
+FORMAT = "xinet-agent-1"
+
+
+def save_agent(agent: Agent, path: str) -> None:
+    """Write the (compacted) agent atomically: a run killed at any moment leaves a loadable file."""
+    payload = {"format": FORMAT, "config": dataclasses.asdict(agent.cfg), "obs_dim": agent.obs_dim,
+               "act_low": agent.actor.bias.cpu() - agent.actor.scale.cpu(),
+               "act_high": agent.actor.bias.cpu() + agent.actor.scale.cpu(),
+               "widths": agent.widths(), "state": agent.state_dict(),
+               "loss_scale": {k: v.cpu() for k, v in agent.loss_scale.items()}}
+    tmp = f"{path}.tmp"
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path: str) -> dict:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path} does not exist.") from None
+    except Exception:
+        raise UserError(f"{path} is not a readable xinet checkpoint.") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise UserError(f"{path} is not an xinet checkpoint (format {FORMAT}).")
+    return payload
+
+
+def load_agent(path: str, device: torch.device | str = "cpu") -> Agent:
+    """Rebuild a saved agent, pruned architecture included, in a fresh process."""
+    payload = read_checkpoint(path)
+    known = {f.name for f in dataclasses.fields(Config)}
+    cfg = Config(**{k: v for k, v in payload["config"].items() if k in known})
+    agent = Agent(cfg, payload["obs_dim"], payload["act_low"].numpy(), payload["act_high"].numpy(),
+                  widths=payload["widths"], device=device)
+    try:
+        agent.load_state_dict(payload["state"])
+    except RuntimeError:
+        raise UserError(f"{path} does not match the architecture it describes.") from None
+    agent.loss_scale = {k: v.to(device) for k, v in payload.get("loss_scale", {}).items()}
+    return agent
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------
+
+def make_env(env_id: str) -> gym.Env:
+    try:
+        env = gym.make(env_id)
+    except gym.error.Error as e:
+        raise UserError(f"cannot make environment {env_id!r}: {e}.") from None
+    except Exception as e:  # missing simulator, broken install
+        raise UserError(f"cannot make environment {env_id!r} ({type(e).__name__}: {e}).") from None
+    if not isinstance(env.action_space, gym.spaces.Box):
+        env.close()
+        raise UserError(f"{env_id} has a {type(env.action_space).__name__} action space; "
+                        "SAC needs a continuous (Box) one.")
+    if not isinstance(env.observation_space, gym.spaces.Box) or len(env.observation_space.shape) != 1:
+        env.close()
+        raise UserError(f"{env_id} needs a flat Box observation space.")
+    return env
+
+
+def evaluate(agent: Agent, env: gym.Env, episodes: int, seed: int) -> np.ndarray:
+    """Returns of `episodes` episodes of the deterministic policy (mean gates)."""
+    returns = []
+    for k in range(episodes):
+        obs, _ = env.reset(seed=seed + k)
+        done, total = False, 0.0
+        while not done:
+            obs, reward, terminated, truncated, _ = env.step(agent.act(obs))
+            total += float(reward)
+            done = terminated or truncated
+        returns.append(total)
+    return np.array(returns)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def theta_summary(agent: Agent) -> tuple[int, int]:
+    """(surviving theta exactly 1, surviving theta inside (0, 1))."""
+    thetas = torch.cat([t.detach().flatten() for t in agent.thetas()]) if agent.thetas() else torch.zeros(0)
+    return int((thetas == 1).sum()), int(((thetas > 0) & (thetas < 1)).sum())
+
+
+def build_agent(cfg: Config, env: gym.Env, device: torch.device) -> Agent:
+    obs_dim = env.observation_space.shape[0]
+    low, high = env.action_space.low.astype(np.float64), env.action_space.high.astype(np.float64)
+    if not (np.all(np.isfinite(low)) and np.all(np.isfinite(high))):
+        raise UserError(f"{cfg.env} has an unbounded action space; SAC's tanh policy needs bounds.")
+    widths = None
+    if cfg.arch_from:
+        payload = read_checkpoint(cfg.arch_from)
+        if payload["obs_dim"] != obs_dim or len(payload["act_low"]) != len(low):
+            raise UserError(f"{cfg.arch_from} was trained on other observation/action sizes than {cfg.env}.")
+        if payload["config"]["ofenet"] != cfg.ofenet:
+            raise UserError(f"{cfg.arch_from} and this run disagree on --no-ofenet.")
+        widths, cfg.gates = payload["widths"], False
+    return Agent(cfg, obs_dim, low, high, widths=widths, device=device)
+
+
+def train(cfg: Config) -> str:
+    """Run XiNet (or a baseline) as configured; returns the run directory."""
+    cfg = validate(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.device)
+    run_dir = cfg.out or os.path.join("runs", f"{cfg.env}__{cfg.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+    env, eval_env = make_env(cfg.env), make_env(cfg.env)
+    os.makedirs(run_dir, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    env.action_space.seed(cfg.seed)
+    agent = build_agent(cfg, env, device)
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=2)
+    buffer = ReplayBuffer(agent.obs_dim, agent.act_dim, cfg.buffer_size, device)
+    gate_start = max(cfg.prune_start, cfg.learning_starts)
+    log = ProgressLog(os.path.join(run_dir, "progress.csv"))
+    print(f"xinet: {cfg.env} on {device}, {agent.num_params():,} parameters, run dir {run_dir}", flush=True)
+
+    obs, _ = env.reset(seed=cfg.seed)
+    episode_return, train_returns, last_eval = 0.0, [], float("nan")
+    t_start = t_line = time.perf_counter()
+    steps_at_line, pruned_total = 0, 0
+    for step in range(1, cfg.total_steps + 1):
+        if step <= cfg.learning_starts:
+            action = env.action_space.sample()
+        else:
+            action = agent.act(obs, deterministic=False)
+        next_obs, reward, terminated, truncated, _ = env.step(action)
+        buffer.add(obs, action, reward, next_obs, terminated)
+        episode_return += float(reward)
+        obs = next_obs
+        if terminated or truncated:
+            train_returns.append(episode_return)
+            obs, _ = env.reset()
+            episode_return = 0.0
+
+        if step == cfg.learning_starts and agent.ofenet is not None:
+            pretrain_ofenet(agent, buffer, cfg)
+        if step > cfg.learning_starts or (cfg.learning_starts == 0):
+            gates_on = cfg.gates and step > gate_start and bool(agent.thetas())
+            strength = cfg.prune_strength * min(1.0, (step - gate_start) / max(cfg.prune_ramp, 1))
+            update(agent, buffer.sample(cfg.batch_size), gates_on, strength)
+            if gates_on and (step - gate_start) % cfg.prune_every == 0:
+                pruned_total += agent.prune()
+
+        if step % cfg.eval_every == 0 or step == cfg.total_steps:
+            returns = evaluate(agent, eval_env, cfg.eval_episodes, seed=cfg.seed + 10_000)
+            last_eval = float(returns.mean())
+            elapsed = time.perf_counter() - t_start
+            ones, inside = theta_summary(agent)
+            row = {"step": step, "eval_return": last_eval, "eval_return_std": float(returns.std()),
+                   "train_return": float(np.mean(train_returns)) if train_returns else float("nan"),
+                   "params": agent.num_params(), "expected_params": float(agent.expected_params()),
+                   **{f"params_{k}": v for k, v in agent.network_params().items()},
+                   "flops_per_action": agent.flops_per_action(), "theta_one": ones,
+                   "theta_inside": inside, "alpha": float(agent.log_alpha.exp()),
+                   **{f"alive_{k}": v for k, v in agent.alive_units().items()},
+                   "steps_per_sec": step / elapsed, "time": elapsed}
+            train_returns = []
+            log.write(row)
+            save_agent(agent, os.path.join(run_dir, "agent.pt"))
+        if step % cfg.log_every == 0:
+            now = time.perf_counter()
+            rate = (step - steps_at_line) / (now - t_line)
+            t_line, steps_at_line = now, step
+            eta = (cfg.total_steps - step) / max(rate, 1e-9)
+            print(f"step {step:>8,}  {rate:6.1f} steps/s  eta {eta / 60:6.1f} min  "
+                  f"eval {last_eval:8.1f}  units {sum(agent.alive_units().values()):5d}  "
+                  f"params {agent.num_params():>9,}  pruned {pruned_total}", flush=True)
+    env.close()
+    eval_env.close()
+    return run_dir
+
+
+def pretrain_ofenet(agent: Agent, buffer: ReplayBuffer, cfg: Config) -> None:
+    """OFENet's own warm-up: `pretrain_steps` auxiliary updates on the random-action data."""
+    t0 = time.perf_counter()
+    for k in range(1, cfg.pretrain_steps + 1):
+        obs, action, _, next_obs, _ = buffer.sample(cfg.batch_size)
+        loss = update_ofenet(agent, obs, action, next_obs, gates_on=False)
+        if k % cfg.log_every == 0 or k == cfg.pretrain_steps:
+            print(f"pretrain {k:>7,}/{cfg.pretrain_steps:,}  aux loss {float(loss):.5f}  "
+                  f"{k / (time.perf_counter() - t0):6.1f} updates/s", flush=True)
+
+
+class ProgressLog:
+    """progress.csv: one row per evaluation, the header fixed by the first row."""
+
+    def __init__(self, path: str):
+        self.path, self.fields = path, None
+
+    def write(self, row: dict) -> None:
+        new = self.fields is None
+        if new:
+            self.fields = list(row)
+        with open(self.path, "w" if new else "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self.fields)
+            if new:
+                w.writeheader()
+            w.writerow(row)
+
+
+# ----------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------
+
+def field_docs(cls) -> dict[str, str]:
+    """The docstring under each dataclass field (they become the --help texts)."""
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    return {a.target.id: b.value.value for a, b in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr)
+            and isinstance(getattr(b, "value", None), ast.Constant)}
+
+
+def parse_args(argv=None) -> tuple[Config, Optional[str]]:
+    parser = argparse.ArgumentParser(prog="xinet.py", description=__doc__.split("\n\n")[0])
+    docs = field_docs(Config)
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=docs[f.name])
+        else:
+            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            parser.add_argument(flag, type=kind, default=f.default, choices=CHOICES.get(f.name),
+                                help=f"{docs[f.name]} (default: {f.default})")
+    parser.add_argument("--eval", metavar="CKPT", default=None,
+                        help="load a saved agent, evaluate it and print its return and size")
+    args = vars(parser.parse_args(argv))
+    ckpt = args.pop("eval")
+    return Config(**args), ckpt
+
+
+def evaluate_checkpoint(cfg: Config, path: str) -> None:
+    device = pick_device(cfg.device)
+    agent = load_agent(path, device)
+    env = make_env(agent.cfg.env)
+    if env.observation_space.shape[0] != agent.obs_dim:
+        raise UserError(f"{path} does not fit {agent.cfg.env}'s observations.")
+    returns = evaluate(agent, env, cfg.eval_episodes, seed=cfg.seed + 10_000)
+    print(f"{agent.cfg.env}: return {returns.mean():.1f} +- {returns.std():.1f} over {len(returns)} episodes; "
+          f"{agent.num_params():,} parameters, {agent.flops_per_action():,} FLOPs per action, "
+          f"units {agent.alive_units()}")
+
+
+def main(argv=None) -> int:
+    cfg, ckpt = parse_args(argv)
+    try:
+        if ckpt:
+            validate(cfg)
+            evaluate_checkpoint(cfg, ckpt)
+        else:
+            train(cfg)
+    except UserError as e:
+        print(f"xinet: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("xinet: interrupted; the last agent.pt is intact.", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
