@@ -466,7 +466,7 @@ class Agent(nn.Module):
         self.alpha_opt = adam([self.log_alpha], cfg.lr)
         self.gate_opt = adam(self.thetas(), cfg.gate_lr)
         self.loss_scale: dict[str, torch.Tensor] = {}  # s_N of Eq. 3, per network
-        self.dense_params = float(self.expected_params())  # P(1) (all theta start at 1)
+        self.dense_params = self.expected_params().item()  # P(1): every theta starts at 1
 
     # --- structure -----------------------------------------------------------------------------
     def networks(self) -> dict[str, nn.Module]:
@@ -704,6 +704,15 @@ def gate_step(agent: Agent, strength: float) -> None:
             lt.theta.copy_(lo.theta)
 
 
+def update_temperature(agent: Agent, log_prob: torch.Tensor) -> None:
+    """alpha <- alpha - lr * d/dlog(alpha) [-log(alpha) (log pi + target_entropy)]: alpha grows
+    while the policy's entropy -log pi is below the target -d_a, and shrinks above it."""
+    loss = -(agent.log_alpha * (log_prob.detach() + agent.target_entropy)).mean()
+    agent.alpha_opt.zero_grad(set_to_none=True)
+    loss.backward()
+    agent.alpha_opt.step()
+
+
 def update(agent: Agent, batch, gates_on: bool = False, strength: float = 0.0) -> dict[str, torch.Tensor]:
     """One XiNet step on a minibatch: OFENet, twin critics, actor, temperature, gates."""
     cfg = agent.cfg
@@ -738,10 +747,7 @@ def update(agent: Agent, batch, gates_on: bool = False, strength: float = 0.0) -
         return (alpha * logp - q)[:, None]
 
     info["actor_loss"] = train_network(agent, "actor", agent.actor, agent.actor_opt, policy_loss, gates_on)
-    alpha_loss = -(agent.log_alpha * (log_probs[0] + agent.target_entropy)).mean()
-    agent.alpha_opt.zero_grad(set_to_none=True)
-    alpha_loss.backward()
-    agent.alpha_opt.step()
+    update_temperature(agent, log_probs[0])
     polyak_(agent.critic_target, agent.critic, cfg.tau)
     if gates_on:
         gate_step(agent, strength)
@@ -911,7 +917,7 @@ def train(cfg: Config) -> str:
             ones, inside = theta_summary(agent)
             row = {"step": step, "eval_return": last_eval, "eval_return_std": float(returns.std()),
                    "train_return": float(np.mean(train_returns)) if train_returns else float("nan"),
-                   "params": agent.num_params(), "expected_params": float(agent.expected_params()),
+                   "params": agent.num_params(), "expected_params": agent.expected_params().item(),
                    **{f"params_{k}": v for k, v in agent.network_params().items()},
                    "flops_per_action": agent.flops_per_action(), "theta_one": ones,
                    "theta_inside": inside, "alpha": float(agent.log_alpha.exp()),

@@ -1,0 +1,469 @@
+"""Tests of xinet.py: each checks a property the method relies on. Run: python -m pytest -q"""
+import csv
+import itertools
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import xinet
+from xinet import Agent, Config, GatedLinear, ReplayBuffer
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+OBS, ACT = 11, 3  # Hopper's sizes
+
+
+def small_config(**kw) -> Config:
+    base = dict(ofe_layers=2, ofe_units=6, hidden=16)
+    base.update(kw)
+    return xinet.validate(Config(**base))
+
+
+def small_agent(seed=0, **kw) -> Agent:
+    torch.manual_seed(seed)
+    return Agent(small_config(**kw), OBS, -np.ones(ACT), np.ones(ACT))
+
+
+def random_buffer(n=400, seed=0) -> ReplayBuffer:
+    rng = np.random.default_rng(seed)
+    buf = ReplayBuffer(OBS, ACT, n, "cpu")
+    for i in range(n):
+        buf.add(rng.normal(size=OBS), rng.uniform(-1, 1, ACT), rng.normal(), rng.normal(size=OBS), i % 37 == 0)
+    return buf
+
+
+def set_binary_gates(agent: Agent, p_keep: float, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in agent.gated():
+            keep = (torch.rand(layer.theta.shape, generator=g) < p_keep).float()
+            keep[0] = 1.0  # every layer keeps a unit, so the MLP rule does not intervene
+            layer.theta.copy_(keep)
+        for lt, lo in zip(xinet.gated_layers(agent.critic_target), xinet.gated_layers(agent.critic)):
+            lt.theta.copy_(lo.theta)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gates
+# ---------------------------------------------------------------------------------------------
+
+def constant_layer(theta, **kw) -> GatedLinear:
+    """A gated layer whose pre-gate output is 1 for every unit, whatever the input."""
+    layer = GatedLinear(2, len(theta), **kw)
+    with torch.no_grad():
+        layer.linear.weight.zero_()
+        layer.linear.bias.fill_(1.0)
+        layer.theta.copy_(torch.tensor(theta))
+    return layer
+
+
+def test_sampled_gates_have_mean_theta():
+    theta = [0.1, 0.5, 0.9, 1.0, 0.0]
+    layer = constant_layer(theta).train()
+    torch.manual_seed(0)
+    y = layer(torch.randn(40_000, 2)).detach()
+    assert set(y.unique().tolist()) <= {0.0, 1.0}
+    se = np.sqrt(np.array(theta) * (1 - np.array(theta)) / 40_000) + 1e-9
+    assert np.all(np.abs(y.mean(0).numpy() - theta) < 5 * se)
+    assert y[:, 3].eq(1).all() and y[:, 4].eq(0).all()  # theta at 0 or 1: deterministic
+    assert not torch.equal(y[:, 1], y[:, 2])  # drawn per unit
+
+
+def test_mean_gate_multiplies_by_theta():
+    layer = GatedLinear(4, 3, batch_norm=True, activation=F.silu)
+    with torch.no_grad():
+        layer.theta.copy_(torch.tensor([0.25, 0.0, 0.8]))
+    layer.eval()
+    x = torch.randn(10, 4)
+    plain = F.silu(layer.bn(layer.linear(x)))
+    torch.testing.assert_close(layer(x), plain * layer.theta)
+
+
+def test_pathwise_gradient_of_theta():
+    torch.manual_seed(1)
+    layer = GatedLinear(3, 5, activation=torch.tanh, estimator="pathwise").train()
+    with torch.no_grad():
+        layer.theta.copy_(torch.tensor([0.3, 0.6, 0.9, 0.5, 0.7]))
+    x, c = torch.randn(16, 3), torch.randn(16, 5)
+    (layer(x) * c).sum().backward()
+    h = torch.tanh(layer.linear(x)).detach()
+    torch.testing.assert_close(layer.theta.grad, (h * c).sum(0))  # d/dxi of the drawn network
+    flip_layer = GatedLinear(3, 5, estimator="flip").train()
+    (flip_layer(x) * c).sum().backward()
+    assert flip_layer.theta.grad is None  # the flip estimator has no autograd path to theta
+
+
+def test_theta_is_projected_onto_unit_interval():
+    agent = small_agent(gate_lr=0.3)
+    buf = random_buffer()
+    for _ in range(5):
+        xinet.update(agent, buf.sample(32), gates_on=True, strength=1e4)  # cost dominates
+    thetas = torch.cat([t.detach() for t in agent.thetas()])
+    assert thetas.min() >= 0 and thetas.max() <= 1
+    assert (thetas == 0).any()  # the projection lands exactly on 0
+    for lt, lo in zip(xinet.gated_layers(agent.critic_target), xinet.gated_layers(agent.critic)):
+        assert torch.equal(lt.theta, lo.theta)  # target gates mirror the online ones
+    for layer in agent.gated():
+        if layer.min_units:
+            assert (layer.theta > 0).sum() >= 1  # an MLP hidden layer keeps a unit
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradient estimators against exact enumeration of all gate patterns
+# ---------------------------------------------------------------------------------------------
+
+THETA = torch.tensor([0.3, 0.6, 0.85, 0.5])
+
+
+def tiny_problem(estimator):
+    torch.manual_seed(3)
+    layer = GatedLinear(3, 4, activation=torch.tanh, estimator=estimator)
+    with torch.no_grad():
+        layer.theta.copy_(THETA)
+    readout = torch.nn.Linear(4, 1)
+    x, target = torch.randn(8, 3), torch.randn(8)
+    return layer, readout, x, target
+
+
+def exact_gradient(layer, readout, x, per_example_loss):
+    """dE[L]/dtheta with E over all 2^4 gate patterns of every example (independent)."""
+    theta = layer.theta.detach().clone().requires_grad_(True)
+    h = torch.tanh(layer.linear(x)).detach()  # (B, 4)
+    patterns = torch.tensor(list(itertools.product([0.0, 1.0], repeat=4)))  # (16, 4)
+    prob = (patterns * theta + (1 - patterns) * (1 - theta)).prod(-1)  # (16,)
+    with torch.no_grad():
+        y = readout(h[:, None, :] * patterns[None]).squeeze(-1)  # (B, 16)
+    expected = (per_example_loss(y) * prob).sum(-1).mean()
+    (grad,) = torch.autograd.grad(expected, theta)
+    return grad
+
+
+def estimates(layer, readout, x, per_example_loss, draws):
+    layer.train()
+    out = []
+    for _ in range(draws):
+        loss_fn = lambda: per_example_loss(readout(layer(x)).squeeze(-1))[:, None]
+        losses = loss_fn()
+        if layer.estimator == "flip":
+            out.append(xinet.flip_estimate([[layer]], losses, loss_fn)[layer])
+        else:
+            layer.theta.grad = None
+            losses.mean().backward()
+            out.append(layer.theta.grad.clone())
+    g = torch.stack(out)
+    return g.mean(0), g.std(0) / math.sqrt(draws)
+
+
+def mse(target):
+    return lambda y: (y - target.reshape(-1, *([1] * (y.dim() - 1)))) ** 2
+
+
+def test_flip_estimator_is_unbiased():
+    torch.manual_seed(0)
+    layer, readout, x, target = tiny_problem("flip")
+    exact = exact_gradient(layer, readout, x, mse(target))
+    mean, se = estimates(layer, readout, x, mse(target), draws=6000)
+    assert torch.all((mean - exact).abs() < 4.5 * se + 1e-6), (mean, exact, se)
+
+
+def test_pathwise_is_exact_when_loss_is_linear_in_each_gate():
+    torch.manual_seed(0)
+    layer, readout, x, _ = tiny_problem("pathwise")
+    linear = lambda y: 3.0 * y
+    exact = exact_gradient(layer, readout, x, linear)
+    mean, se = estimates(layer, readout, x, linear, draws=3000)
+    assert torch.all((mean - exact).abs() < 4.5 * se + 1e-6), (mean, exact, se)
+
+
+def test_pathwise_bias_on_squared_error_is_measured_and_bounded():
+    """For y = sum_j xi_j c_j + b and l = (y - t)^2 the pathwise gradient's bias is exactly
+    (2 theta_j - 1) * mean_i c_ij^2: zero at theta = 1/2, largest at the ends."""
+    torch.manual_seed(0)
+    layer, readout, x, target = tiny_problem("pathwise")
+    exact = exact_gradient(layer, readout, x, mse(target))
+    mean, se = estimates(layer, readout, x, mse(target), draws=6000)
+    c = (torch.tanh(layer.linear(x)) * readout.weight).detach()  # (B, 4)
+    bias = (2 * THETA - 1) * c.pow(2).mean(0)
+    assert torch.all((mean - exact - bias).abs() < 4.5 * se + 1e-6), (mean - exact, bias, se)
+    assert (mean - exact).abs().max() > 10 * se.max()  # the gap is real, not noise
+    assert torch.all((mean - exact).abs() <= c.pow(2).mean(0) + 4.5 * se)  # |bias| <= E[c^2]
+
+
+# ---------------------------------------------------------------------------------------------
+# P(theta) and pruning
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kw", [dict(), dict(ofenet=False), dict(gate="actor,critic"), dict(ofe_units=40, ofe_layers=6, hidden=256)])
+def test_expected_params_at_one_is_dense_count(kw):
+    agent = small_agent(**kw)
+    assert agent.expected_params().item() == agent.num_params() == agent.dense_params
+    assert agent.num_params() == sum(agent.network_params().values())
+
+
+def test_hopper_dense_parameter_count():
+    cfg = xinet.validate(Config())
+    agent = Agent(cfg, OBS, -np.ones(ACT), np.ones(ACT))
+    state = sum((11 + 40 * k) * 40 + 3 * 40 for k in range(6))
+    sa = sum((254 + 40 * k) * 40 + 3 * 40 for k in range(6))
+    head = 494 * 11 + 11
+    actor = 251 * 256 + 256 + 256 * 256 + 256 + 256 * 6 + 6
+    critic = 2 * (494 * 256 + 256 + 256 * 256 + 256 + 257)
+    assert agent.num_params() == state + sa + head + actor + critic
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_expected_params_equals_count_after_pruning(seed):
+    agent = small_agent(seed)
+    set_binary_gates(agent, 0.5, seed)
+    expected = agent.expected_params().item()
+    assert agent.prune() > 0
+    assert expected == agent.num_params()
+    assert agent.expected_params().item() == agent.num_params()  # still exact, all theta = 1
+
+
+def test_marginal_cost_prices_early_state_units_highest():
+    agent = small_agent(ofe_units=40, ofe_layers=6, hidden=256)
+    cost = torch.autograd.grad(agent.expected_params(), agent.thetas())
+    by_layer = dict(zip([n for n, m in agent.hidden_layers().items() if m.theta is not None], cost))
+    first_state, last_sa = by_layer["ofenet.state_block.0"], by_layer["ofenet.sa_block.5"]
+    # a first-layer state unit: fan-in 11 + bias + BN, read by 5 state, 6 state-action layers,
+    # the head, the actor's and both critics' first layers
+    assert first_state[0].item() == 11 + 3 + 5 * 40 + 6 * 40 + 11 + 3 * 256
+    assert last_sa[0].item() == 454 + 3 + 11 + 2 * 256
+    assert first_state[0] > last_sa[0]
+
+
+def trained_agent(seed=0, steps=30):
+    agent = small_agent(seed)
+    buf = random_buffer(seed=seed)
+    for _ in range(steps):
+        xinet.update(agent, buf.sample(32), gates_on=True, strength=1.0)
+    return agent, buf
+
+
+def outputs(agent, obs, act):
+    agent.eval()
+    with torch.no_grad():
+        z_o = agent.state_features(obs)
+        z_oa = agent.state_action_features(z_o, act)
+        return dict(action=torch.as_tensor(agent.act(obs.numpy())), q=agent.q_values(obs, act),
+                    q_target=agent.critic_target(z_oa), z_o=z_o.sum(-1), z_oa=z_oa.sum(-1),
+                    next_obs=agent.ofenet.predict_next_obs(obs, act))
+
+
+def test_pruning_is_exact_and_keeps_optimizer_state():
+    agent, buf = trained_agent()
+    set_binary_gates(agent, 0.6, seed=5)
+    obs, act = torch.randn(64, OBS), torch.rand(64, ACT) * 2 - 1
+    before = outputs(agent, obs, act)
+    layer = agent.critic.qs[0][1]  # second hidden layer of Q1: rows and columns both shrink
+    rows, cols = layer.theta > 0, agent.critic.qs[0][0].theta > 0
+    moment = agent.critic_opt.state[layer.linear.weight]["exp_avg"][rows][:, cols].clone()
+    params_before = agent.num_params()
+    removed = agent.prune()
+    assert removed > 0 and agent.num_params() < params_before
+    after = outputs(agent, obs, act)
+    for k in before:
+        torch.testing.assert_close(after[k], before[k], atol=1e-5, rtol=1e-5, msg=k)
+    assert layer.linear.weight.shape == (int(rows.sum()), int(cols.sum()))
+    torch.testing.assert_close(agent.critic_opt.state[layer.linear.weight]["exp_avg"], moment)
+    assert agent.prune() == 0  # nothing left at exactly 0
+    for _ in range(5):  # training continues on the smaller tensors
+        info = xinet.update(agent, buf.sample(32), gates_on=True, strength=1.0)
+    assert all(torch.isfinite(v) for v in info.values())
+
+
+def test_mlp_layer_keeps_one_unit():
+    agent = small_agent()
+    with torch.no_grad():
+        agent.actor.net[0].theta.zero_()
+    agent.prune()
+    assert agent.actor.net[0].out_features == 1
+
+
+def test_save_and_load_pruned_agent(tmp_path):
+    agent, _ = trained_agent()
+    set_binary_gates(agent, 0.5, seed=7)
+    agent.prune()
+    path = str(tmp_path / "agent.pt")
+    xinet.save_agent(agent, path)
+    loaded = xinet.load_agent(path)
+    obs, act = torch.randn(16, OBS), torch.rand(16, ACT) * 2 - 1
+    a, b = outputs(agent, obs, act), outputs(loaded, obs, act)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], msg=k)
+    assert loaded.num_params() == agent.num_params()
+
+
+# ---------------------------------------------------------------------------------------------
+# SAC
+# ---------------------------------------------------------------------------------------------
+
+def test_squashed_gaussian_log_prob_matches_change_of_variables():
+    torch.manual_seed(0)
+    low, high = np.array([-2.0, 0.0]), np.array([1.0, 4.0])
+    actor = xinet.Actor(5, [8], low, high, gated=False, estimator="flip").eval()
+    z, eps = torch.randn(7, 5), torch.randn(7, 2)
+    action, log_prob = actor(z, eps)
+    mu, log_std = actor.net(z).chunk(2, -1)
+    log_std = xinet.LOG_STD_MIN + 0.5 * (xinet.LOG_STD_MAX - xinet.LOG_STD_MIN) * (torch.tanh(log_std) + 1)
+    u = (mu + log_std.exp() * eps).double()
+    squash = lambda v: torch.tanh(v) * actor.scale.double() + actor.bias.double()
+    h = 1e-6
+    jacobian = (squash(u + h) - squash(u - h)) / (2 * h)  # da/du, numerically
+    density = torch.distributions.Normal(mu.double(), log_std.exp().double()).log_prob(u)
+    numeric = (density - jacobian.abs().log()).sum(-1)
+    torch.testing.assert_close(log_prob.double(), numeric, atol=1e-4, rtol=1e-4)
+    assert torch.all((action >= torch.tensor(low)) & (action <= torch.tensor(high)))
+
+
+def test_squashed_density_integrates_to_one():
+    actor = xinet.Actor(1, [4], np.array([-3.0]), np.array([1.0]), gated=False, estimator="flip")
+    eps = torch.linspace(-9, 9, 200_001)[:, None]
+    a, log_prob = actor(torch.ones(len(eps), 1), eps)
+    density = log_prob.exp()
+    mass = torch.trapezoid(density, a[:, 0].double()).item()
+    assert abs(mass - 1) < 1e-3
+
+
+def test_td_target_bootstraps_on_truncation_not_termination():
+    r, v = torch.tensor([1.0, 1.0]), torch.tensor([10.0, 10.0])
+    y = xinet.td_target(r, torch.tensor([0.0, 1.0]), v, 0.9)
+    assert y.tolist() == [10.0, 1.0]
+
+
+def test_temperature_moves_toward_target_entropy():
+    agent = small_agent()
+    low_entropy = torch.full((32,), 10.0)  # -log pi = -10 < target entropy -3: explore more
+    before = agent.log_alpha.item()
+    xinet.update_temperature(agent, low_entropy)
+    assert agent.log_alpha.item() > before
+    high_entropy = torch.full((32,), -10.0)
+    before = agent.log_alpha.item()
+    xinet.update_temperature(agent, high_entropy)
+    assert agent.log_alpha.item() < before
+
+
+# ---------------------------------------------------------------------------------------------
+# Replay buffer
+# ---------------------------------------------------------------------------------------------
+
+def test_replay_buffer_across_episode_ends_and_wraparound():
+    buf = ReplayBuffer(2, 1, capacity=5, device="cpu")
+    for t in range(8):  # episodes end at t = 2 (terminated) and t = 5 (truncated: stored as 0)
+        nxt = [100.0 + t, 0.0] if t in (2, 5) else [t + 1.0, 0.0]
+        buf.add([float(t), 0.0], [t], reward=t, next_obs=nxt, terminated=(t == 2))
+    assert buf.size == 5 and buf.pos == 3
+    obs, action, reward, next_obs, term = buf.sample(2000)
+    t = obs[:, 0]
+    assert set(t.tolist()) == {3.0, 4.0, 5.0, 6.0, 7.0}  # the oldest three were overwritten
+    assert torch.equal(action[:, 0], t) and torch.equal(reward, t)
+    expected_next = torch.where(t == 5, 100.0 + t, t + 1)
+    assert torch.equal(next_obs[:, 0], expected_next)
+    assert term.sum() == 0  # the terminated t = 2 is gone; truncation never stored as terminal
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end and the command line
+# ---------------------------------------------------------------------------------------------
+
+E2E = ["--env", "Hopper-v4", "--total-steps", "1200", "--learning-starts", "300", "--pretrain-steps", "100",
+       "--eval-every", "400", "--eval-episodes", "2", "--log-every", "400", "--ofe-layers", "2",
+       "--ofe-units", "8", "--hidden", "32", "--batch-size", "64", "--prune-every", "200",
+       "--prune-strength", "3", "--gate-lr", "0.05", "--prune-ramp", "0", "--device", "cpu", "--seed", "3"]
+
+
+def run_cli(*args, cwd=HERE):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, os.path.join(HERE, "xinet.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=600, env=env)
+
+
+def read_progress(run_dir):
+    with open(os.path.join(run_dir, "progress.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def e2e_runs(tmp_path_factory):
+    torch.set_num_threads(1)
+    dirs = []
+    for k in range(2):
+        out = str(tmp_path_factory.mktemp(f"run{k}"))
+        assert xinet.main(E2E + ["--out", out]) == 0
+        dirs.append(out)
+    return dirs
+
+
+def test_end_to_end_trains_prunes_and_writes_outputs(e2e_runs):
+    rows = read_progress(e2e_runs[0])
+    assert [int(r["step"]) for r in rows] == [400, 800, 1200]
+    params = [int(r["params"]) for r in rows]
+    dense = Agent(small_config(ofe_layers=2, ofe_units=8, hidden=32), OBS, -np.ones(ACT), np.ones(ACT))
+    assert params[-1] < dense.num_params()  # pruning removed units within the run
+    for r in rows:
+        assert math.isfinite(float(r["eval_return"])) and float(r["steps_per_sec"]) > 0
+        assert float(r["expected_params"]) <= int(r["params"])  # theta <= 1; equal once binary
+    agent = xinet.load_agent(os.path.join(e2e_runs[0], "agent.pt"))
+    assert agent.num_params() == params[-1]
+    assert sum(agent.alive_units().values()) == sum(int(v) for k, v in rows[-1].items() if k.startswith("alive_"))
+
+
+def test_eval_reloads_checkpoint_in_fresh_process(e2e_runs):
+    res = run_cli("--eval", os.path.join(e2e_runs[0], "agent.pt"), "--eval-episodes", "1")
+    assert res.returncode == 0, res.stderr
+    assert "return" in res.stdout and "parameters" in res.stdout
+
+
+def test_same_seed_same_results(e2e_runs):
+    a, b = (read_progress(d) for d in e2e_runs)
+    timing = {"steps_per_sec", "time"}
+    assert [{k: v for k, v in r.items() if k not in timing} for r in a] == \
+           [{k: v for k, v in r.items() if k not in timing} for r in b]
+    ta, tb = (xinet.load_agent(os.path.join(d, "agent.pt")).thetas() for d in e2e_runs)
+    assert all(torch.equal(x, y) for x, y in zip(ta, tb))
+
+
+def test_arch_from_builds_small_dense_agent(e2e_runs, tmp_path):
+    ckpt = os.path.join(e2e_runs[0], "agent.pt")
+    args = E2E[:]
+    args[args.index("--total-steps") + 1] = "400"
+    assert xinet.main(args + ["--arch-from", ckpt, "--out", str(tmp_path)]) == 0
+    small = xinet.load_agent(str(tmp_path / "agent.pt"))
+    pruned = xinet.load_agent(ckpt)
+    assert small.widths() == pruned.widths() and small.num_params() == pruned.num_params()
+    assert small.thetas() == []  # no gates
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--env", "NoSuchEnv-v9"], "NoSuchEnv-v9"),
+    (["--env", "CartPole-v1"], "Discrete"),
+    (["--total-steps", "0"], "--total-steps"),
+    (["--batch-size", "-3"], "--batch-size"),
+    (["--gate", "ofenet,brain"], "--gate"),
+    (["--eval", "xinet.py"], "not a readable"),
+    (["--eval", "no/such/agent.pt"], "does not exist"),
+])
+def test_user_errors_are_one_clear_sentence(args, words):
+    res = run_cli(*args)
+    assert res.returncode != 0
+    assert "Traceback" not in res.stderr
+    lines = [l for l in res.stderr.splitlines() if l.startswith("xinet: error:")]
+    assert len(lines) == 1 and words in lines[0], res.stderr
+
+
+def test_mismatched_checkpoint_is_refused(e2e_runs, tmp_path):
+    payload = torch.load(os.path.join(e2e_runs[0], "agent.pt"), weights_only=True)
+    payload["widths"]["actor"] = [w + 1 for w in payload["widths"]["actor"]]
+    bad = str(tmp_path / "bad.pt")
+    torch.save(payload, bad)
+    res = run_cli("--eval", bad)
+    assert res.returncode != 0 and "Traceback" not in res.stderr and "does not match" in res.stderr
+    res = run_cli("--env", "Pendulum-v1", "--arch-from", os.path.join(e2e_runs[0], "agent.pt"),
+                  "--total-steps", "10")
+    assert res.returncode != 0 and "Traceback" not in res.stderr and "other observation" in res.stderr
