@@ -421,11 +421,73 @@ def td_target(reward: torch.Tensor, terminated: torch.Tensor, next_value: torch.
 
 
 # ----------------------------------------------------------------------------------------------
-# The agent and the objective: expected parameter count P(theta)
+# The objective: expected parameter count P(theta) and the projected gate step
 # ----------------------------------------------------------------------------------------------
 
-Source = Union[int, GatedLinear]  # a segment of a layer's input: fixed width, or another layer's units
+Source = Union[int, GatedLinear]  # a segment of a layer's input: a fixed width, or another layer's units
+Wiring = list[tuple[GatedLinear, list[Source]]]  # every layer with the segments its input concatenates
 
+
+def expected_params(wiring: Wiring) -> torch.Tensor:
+    """P(theta) = sum over layers of E[out] * (E[in] + 1 + 2 [BN]),                      (Eq. 4)
+    E[in] = sum over input segments of (fixed width or sum theta of the units read),
+    E[out] = sum theta of the layer's own units (its width when ungated).
+
+    Gates are independent and no unit reads itself, so E[in * out] = E[in] * E[out] exactly;
+    P is multilinear in theta and, at binary theta, the parameter count of the compacted
+    network. dP/dtheta_j is unit j's marginal cost: its fan-in, bias and BN, plus one weight
+    in every layer that reads it: the per-unit weights of the cost-aware regulariser.
+    """
+    total = torch.zeros(())
+    for layer, sources in wiring:
+        e_in = sum(s if isinstance(s, int) else s.expected_width() for s in sources)
+        total = total + layer.expected_width() * (e_in + 1 + (2 if layer.bn is not None else 0))
+    return total
+
+
+@torch.no_grad()
+def project_gates_(layers: list[GatedLinear], before: list[torch.Tensor]) -> None:
+    """theta <- clip_[0,1](theta) after a gradient step (the projection of Eq. 9), which is what
+    lands theta exactly on 0 or 1. A layer with min_units keeps its strongest unit alive."""
+    for layer, b in zip(layers, before):
+        t = layer.theta
+        t.clamp_(0.0, 1.0)
+        if layer.min_units:  # if the step emptied the layer, undo it for the strongest unit
+            j = b.argmax()
+            t[j] = torch.where(t.max() > 0, t[j], b[j])
+
+
+# ----------------------------------------------------------------------------------------------
+# Pruning
+# ----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def prune_units(wiring: Wiring, optimizers=()) -> None:
+    """Remove every gated unit whose theta is exactly 0, everywhere it appears.
+
+    Its row of W, b, BN and theta goes, and so does every column that reads it downstream
+    (in a DenseNet: all later layers of its block, the next block, the head; then the first
+    layers of actor, critics and target critics), with the matching optimizer moments. A unit
+    at theta = 0 outputs 0 in both gate modes, so the network computes exactly the same
+    function before and after; only its tensors are smaller.
+    """
+    keep: dict[GatedLinear, torch.Tensor] = {}
+    for layer, _ in wiring:
+        if layer.theta is not None:
+            k = layer.theta > 0
+            if int(k.sum()) < layer.min_units:
+                k[layer.theta.topk(layer.min_units).indices] = True
+            keep[layer] = k
+    for layer, sources in wiring:
+        cols = [torch.ones(s, dtype=torch.bool, device=layer.linear.weight.device) if isinstance(s, int)
+                else keep.get(s, torch.ones(s.out_features, dtype=torch.bool, device=layer.linear.weight.device))
+                for s in sources]
+        layer.shrink(keep.get(layer), torch.cat(cols), optimizers)
+
+
+# ----------------------------------------------------------------------------------------------
+# The agent
+# ----------------------------------------------------------------------------------------------
 
 class Agent(nn.Module):
     """OFENet + SAC with Bernoulli gates; owns the networks, their optimizers and the pruning."""
@@ -480,14 +542,14 @@ class Agent(nn.Module):
     def thetas(self) -> list[nn.Parameter]:
         return [layer.theta for layer in self.gated()]
 
-    def wiring(self, targets: bool = True) -> list[tuple[GatedLinear, list[Source]]]:
+    def wiring(self, targets: bool = True) -> Wiring:
         """Every linear layer with the segments its input is concatenated from, in order.
 
         This is the one place that knows which units read which: P(theta) and prune() are
         generic over it. Target critics read the online OFENet's features.
         """
         o, a = self.obs_dim, self.act_dim
-        wires: list[tuple[GatedLinear, list[Source]]] = []
+        wires: Wiring = []
         if self.ofenet is not None:
             S, SA = list(self.ofenet.state_block), list(self.ofenet.sa_block)
             z_o, z_oa = [o, *S], [o, *S, a, *SA]
@@ -511,19 +573,8 @@ class Agent(nn.Module):
         return wires
 
     def expected_params(self) -> torch.Tensor:
-        """P(theta): expected trainable parameter count of OFENet (+head), actor and critics.  (Eq. 4)
-
-        A layer with expected input width E[in] = sum over its input segments (fixed widths, or
-        sum theta of the gated units read) and expected output width E[out] holds
-        E[in] * E[out] weights + (1 bias + 2 BN) * E[out]. Gates are independent and no unit
-        reads itself, so this is exact; at binary theta it is the compacted agent's count.
-        """
-        total = torch.zeros((), device=self.log_alpha.device)
-        for layer, sources in self.wiring(targets=False):
-            e_in = sum(s if isinstance(s, int) else s.expected_width() for s in sources)
-            e_out = layer.expected_width()
-            total = total + e_out * (e_in + 1 + (2 if layer.bn is not None else 0))
-        return total
+        """P(theta) of OFENet (with its head), actor and both critics (Eq. 4), a scalar tensor."""
+        return expected_params(self.wiring(targets=False))
 
     def num_params(self) -> int:
         """Actual weights, biases and BN affine parameters, targets, theta and alpha excluded."""
@@ -544,13 +595,14 @@ class Agent(nn.Module):
         return w
 
     def hidden_layers(self) -> dict[str, GatedLinear]:
-        """Every online layer whose units can be gated (OFENet blocks, actor and critic hidden)."""
-        out = {}
-        for name, net in self.networks().items():
-            out.update({f"{name}.{n}": m for n, m in net.named_modules()
-                        if isinstance(m, GatedLinear) and (m.theta is not None or m.min_units
-                                                           or n.split(".")[0] in ("state_block", "sa_block"))})
-        return out
+        """Every online layer whose units can be gated: OFENet's blocks, actor and critic hidden
+        layers (named as in the state dict, e.g. 'ofenet.state_block.0', 'critic.qs.1.0')."""
+        blocks = {}
+        if self.ofenet is not None:
+            blocks = {"ofenet.state_block": self.ofenet.state_block, "ofenet.sa_block": self.ofenet.sa_block}
+        blocks["actor.net"] = list(self.actor.net)[:-1]  # an MLP's last layer is its output
+        blocks.update({f"critic.qs.{k}": list(q)[:-1] for k, q in enumerate(self.critic.qs)})
+        return {f"{prefix}.{k}": layer for prefix, block in blocks.items() for k, layer in enumerate(block)}
 
     def alive_units(self) -> dict[str, int]:
         """Units present (theta > 0, or ungated) per hidden layer."""
@@ -588,35 +640,14 @@ class Agent(nn.Module):
     # ------------------------------------------------------------------------------------------
     # Pruning
     # ------------------------------------------------------------------------------------------
-    @torch.no_grad()
     def prune(self) -> int:
-        """Remove every unit whose theta is exactly 0, everywhere it appears.
-
-        Its row of W, b and BN (and theta), every column that reads it downstream (later DenseNet
-        layers, the state-action block, the head, the first layers of actor, critics and target
-        critics) and the matching Adam moments go. A pruned unit contributes 0 in both gate
-        modes, so the agent computes exactly the same function before and after.
-        Returns the number of units removed.
-        """
-        keep: dict[GatedLinear, torch.Tensor] = {}
-        for layer in gated_layers(self):  # online and target layers (targets mirror the gates)
-            k = layer.theta > 0
-            if layer.min_units and int(k.sum()) < layer.min_units:
-                k[layer.theta.topk(layer.min_units).indices] = True
-            keep[layer] = k
-        online = set(self.gated())
-        removed = sum(int((~k).sum()) for layer, k in keep.items() if layer in online)
-        if removed == 0:
-            return 0
+        """Remove every unit whose theta is exactly 0 from every network, the target critics
+        and the optimizers' state (Section 4); returns the number of units removed."""
+        width = lambda: sum(layer.out_features for layer in self.gated())
+        before = width()
         optimizers = [o for o in (self.ofenet_opt, self.actor_opt, self.critic_opt, self.gate_opt) if o]
-        dev = self.log_alpha.device
-        for layer, sources in self.wiring(targets=True):
-            cols = torch.cat([torch.ones(s, dtype=torch.bool, device=dev) if isinstance(s, int)
-                              else keep.get(s, torch.ones(s.out_features, dtype=torch.bool, device=dev))
-                              for s in sources])
-            layer.shrink(keep.get(layer), cols, optimizers)
-        return removed
-
+        prune_units(self.wiring(targets=True), optimizers)
+        return before - width()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -694,12 +725,8 @@ def gate_step(agent: Agent, strength: float) -> None:
         t.grad = strength * c if t.grad is None else t.grad + strength * c
     agent.gate_opt.step()
     agent.gate_opt.zero_grad(set_to_none=True)
+    project_gates_(layers, before)
     with torch.no_grad():
-        for layer, t, b in zip(layers, thetas, before):
-            t.clamp_(0.0, 1.0)
-            if layer.min_units:  # restore the strongest unit if the step emptied the layer
-                j = b.argmax()
-                t[j] = torch.where(t.max() > 0, t[j], b[j])
         for lt, lo in zip(gated_layers(agent.critic_target), gated_layers(agent.critic)):
             lt.theta.copy_(lo.theta)
 
