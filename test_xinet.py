@@ -467,3 +467,18 @@ def test_mismatched_checkpoint_is_refused(e2e_runs, tmp_path):
     res = run_cli("--env", "Pendulum-v1", "--arch-from", os.path.join(e2e_runs[0], "agent.pt"),
                   "--total-steps", "10")
     assert res.returncode != 0 and "Traceback" not in res.stderr and "other observation" in res.stderr
+
+
+def test_readme_example_prunes_a_plain_mlp():
+    """The README's example of lifting GatedLinear and the pruning into another model runs."""
+    import re
+    with open(os.path.join(HERE, "README.md")) as f:
+        block = re.search(r"```python\n(.*?)```", f.read(), re.S).group(1)
+    torch.manual_seed(0)
+    scope = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    widths = [g.out_features for g in scope["gates"]]
+    assert all(1 <= w < 32 for w in widths)  # pruned, yet every layer kept a unit
+    assert scope["expected_params"](scope["wiring"]).item() < scope["dense"]
+    scope["net"].eval()
+    assert F.mse_loss(scope["net"](scope["x"]), scope["y"]).item() < 0.01

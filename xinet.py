@@ -245,28 +245,34 @@ class GatedLinear(nn.Module):
     @torch.no_grad()
     def shrink(self, keep_out: Optional[torch.Tensor] = None, keep_in: Optional[torch.Tensor] = None,
                optimizers=()) -> None:
-        """Physically remove output units (keep_out) and input columns (keep_in), with the
-        matching entries of every optimizer's state; parameter objects stay the same."""
-        def cut(p: torch.Tensor, dim: int, index: torch.Tensor) -> None:
-            old_shape = p.shape
-            p.data = p.data.index_select(dim, index)
-            p.grad = None
+        """Physically remove output units (keep_out) and input columns (keep_in).
+
+        Each parameter that shrinks is replaced by a smaller one, in this module and in every
+        optimizer (param groups and state, e.g. Adam's moments, sliced the same way).
+        """
+        def cut(module: nn.Module, name: str, dim: int, index: torch.Tensor) -> None:
+            old = getattr(module, name)
+            new = nn.Parameter(old.index_select(dim, index), requires_grad=old.requires_grad)
+            setattr(module, name, new)
             for opt in optimizers:
-                for k, v in opt.state.get(p, {}).items():
-                    if torch.is_tensor(v) and v.shape == old_shape:
-                        opt.state[p][k] = v.index_select(dim, index)
+                for group in opt.param_groups:
+                    group["params"] = [new if p is old else p for p in group["params"]]
+                if old in opt.state:
+                    opt.state[new] = {k: v.index_select(dim, index) if torch.is_tensor(v) and v.shape == old.shape
+                                      else v for k, v in opt.state.pop(old).items()}
 
         if keep_in is not None and not bool(keep_in.all()):
-            cut(self.linear.weight, 1, keep_in.nonzero().squeeze(1))
+            cut(self.linear, "weight", 1, keep_in.nonzero().squeeze(1))
             self.linear.in_features = self.linear.weight.shape[1]
         if keep_out is not None and not bool(keep_out.all()):
             index = keep_out.nonzero().squeeze(1)
-            for p in (self.linear.weight, self.linear.bias, self.theta):
-                if p is not None:
-                    cut(p, 0, index)
+            cut(self.linear, "weight", 0, index)
+            cut(self.linear, "bias", 0, index)
+            if self.theta is not None:
+                cut(self, "theta", 0, index)
             if self.bn is not None:
-                cut(self.bn.weight, 0, index)
-                cut(self.bn.bias, 0, index)
+                cut(self.bn, "weight", 0, index)
+                cut(self.bn, "bias", 0, index)
                 self.bn.running_mean = self.bn.running_mean[index]
                 self.bn.running_var = self.bn.running_var[index]
                 self.bn.num_features = len(index)
@@ -947,7 +953,7 @@ def train(cfg: Config) -> str:
                    "params": agent.num_params(), "expected_params": agent.expected_params().item(),
                    **{f"params_{k}": v for k, v in agent.network_params().items()},
                    "flops_per_action": agent.flops_per_action(), "theta_one": ones,
-                   "theta_inside": inside, "alpha": float(agent.log_alpha.exp()),
+                   "theta_inside": inside, "alpha": agent.log_alpha.exp().item(),
                    **{f"alive_{k}": v for k, v in agent.alive_units().items()},
                    "steps_per_sec": step / elapsed, "time": elapsed}
             train_returns = []
