@@ -216,9 +216,9 @@ def test_hopper_dense_parameter_count():
     assert agent.num_params() == state + sa + head + actor + critic
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_expected_params_equals_count_after_pruning(seed):
-    agent = small_agent(seed)
+@pytest.mark.parametrize("seed, kw", [(0, {}), (1, {}), (2, dict(ofenet=False)), (3, dict(gate="ofenet,critic"))])
+def test_expected_params_equals_count_after_pruning(seed, kw):
+    agent = small_agent(seed, **kw)
     set_binary_gates(agent, 0.5, seed)
     expected = agent.expected_params().item()
     assert agent.prune() > 0

@@ -918,8 +918,8 @@ def train(cfg: Config) -> str:
 
     obs, _ = env.reset(seed=cfg.seed)
     episode_return, train_returns, last_eval = 0.0, [], float("nan")
-    t_start = t_line = time.perf_counter()
-    steps_at_line, pruned_total = 0, 0
+    t_start = t_line = t_row = time.perf_counter()
+    steps_at_line, steps_at_row, pruned_total = 0, 0, 0
     for step in range(1, cfg.total_steps + 1):
         if step <= cfg.learning_starts:
             action = env.action_space.sample()
@@ -936,7 +936,7 @@ def train(cfg: Config) -> str:
 
         if step == cfg.learning_starts and agent.ofenet is not None:
             pretrain_ofenet(agent, buffer, cfg)
-        if step > cfg.learning_starts or (cfg.learning_starts == 0):
+        if step > cfg.learning_starts:
             gates_on = cfg.gates and step > gate_start and bool(agent.thetas())
             strength = cfg.prune_strength * min(1.0, (step - gate_start) / max(cfg.prune_ramp, 1))
             update(agent, buffer.sample(cfg.batch_size), gates_on, strength)
@@ -944,6 +944,7 @@ def train(cfg: Config) -> str:
                 pruned_total += agent.prune()
 
         if step % cfg.eval_every == 0 or step == cfg.total_steps:
+            train_rate = (step - steps_at_row) / (time.perf_counter() - t_row)  # evaluation excluded
             returns = evaluate(agent, eval_env, cfg.eval_episodes, seed=cfg.seed + 10_000)
             last_eval = float(returns.mean())
             elapsed = time.perf_counter() - t_start
@@ -955,10 +956,11 @@ def train(cfg: Config) -> str:
                    "flops_per_action": agent.flops_per_action(), "theta_one": ones,
                    "theta_inside": inside, "alpha": agent.log_alpha.exp().item(),
                    **{f"alive_{k}": v for k, v in agent.alive_units().items()},
-                   "steps_per_sec": step / elapsed, "time": elapsed}
+                   "steps_per_sec": train_rate, "time": elapsed}
             train_returns = []
             log.write(row)
             save_agent(agent, os.path.join(run_dir, "agent.pt"))
+            t_row, steps_at_row = time.perf_counter(), step
         if step % cfg.log_every == 0:
             now = time.perf_counter()
             rate = (step - steps_at_line) / (now - t_line)
