@@ -194,6 +194,32 @@ def test_pathwise_bias_on_squared_error_is_measured_and_bounded():
     assert torch.all((mean - exact).abs() <= c.pow(2).mean(0) + 4.5 * se)  # |bias| <= E[c^2]
 
 
+def test_flip_replay_in_batchnorm_network_changes_only_the_flipped_example():
+    """OFENet's BatchNorm couples a batch; the replay pass reuses the main pass's statistics so
+    that a flip changes its own example's loss and no other."""
+    torch.manual_seed(0)
+    net = xinet.OFENet(OBS, ACT, [6, 6], [6, 6], gated=True, estimator="flip").train()
+    with torch.no_grad():
+        for layer in xinet.gated_layers(net):
+            layer.theta.fill_(0.5)
+    obs, act, nxt = torch.randn(16, OBS), torch.randn(16, ACT), torch.randn(16, OBS)
+    errors = lambda: (net.predict_next_obs(obs, act) - nxt).pow(2).mean(-1)
+    main = errors().detach()
+    running = net.state_block[0].bn.running_mean.clone()
+    first = net.state_block[0]
+    first.flip = torch.zeros(16, first.out_features, dtype=torch.bool)
+    first.flip[5, 2] = True  # one gate of example 5
+    for layer in xinet.gated_layers(net)[1:]:
+        layer.flip = torch.zeros(16, layer.out_features, dtype=torch.bool)
+    with torch.no_grad():
+        replay = errors()
+    for layer in xinet.gated_layers(net):
+        layer.flip = None
+    changed = (~torch.isclose(replay, main, rtol=1e-5, atol=1e-7)).nonzero().flatten().tolist()
+    assert changed == [5]  # the rest agree up to rounding (batch vs given statistics kernels)
+    assert torch.equal(net.state_block[0].bn.running_mean, running)  # the replay leaves BN alone
+
+
 # ---------------------------------------------------------------------------------------------
 # P(theta) and pruning
 # ---------------------------------------------------------------------------------------------
