@@ -8,11 +8,11 @@ theta are trained together with the weights on
 
 where P(theta) is the expected parameter count of the whole agent. The objective is affine in
 each theta_j, so theta ends at 0 or 1; units at 0 are removed and every tensor that touches them
-shrinks (Guenter & Sideris, arXiv 2507.11975). The formulation followed here is the project's
-own (see METHOD.md / README.md), since only the paper's abstract is public.
+shrinks (Guenter & Sideris, arXiv 2507.11975). Only the paper's abstract is public: the
+formulation here is this project's own, and the README's method notes say where it chooses.
 
-Read top to bottom: config, data, building blocks, networks, the objective, pruning, the update,
-the loop, main. Equation numbers match tutorial.ipynb.
+Read top to bottom: config, data, building blocks, networks, the objective, pruning, the agent,
+the update, the loop, main. Equations are numbered (Eq. 1-9) as in the README's table.
 
     python xinet.py --env Hopper-v4
 """
