@@ -401,7 +401,8 @@ def test_replay_buffer_across_episode_ends_and_wraparound():
 E2E = ["--env", "Hopper-v4", "--total-steps", "1200", "--learning-starts", "300", "--pretrain-steps", "100",
        "--eval-every", "400", "--eval-episodes", "2", "--log-every", "400", "--ofe-layers", "2",
        "--ofe-units", "8", "--hidden", "32", "--batch-size", "64", "--prune-every", "200",
-       "--prune-strength", "3", "--gate-lr", "0.05", "--prune-ramp", "0", "--device", "cpu", "--seed", "3"]
+       "--prune-strength", "3", "--gate-lr", "0.05", "--prune-ramp", "0", "--device", "cpu", "--seed", "3",
+       "--estimator", "flip"]
 
 
 def run_cli(*args, cwd=HERE):
@@ -438,6 +439,15 @@ def test_end_to_end_trains_prunes_and_writes_outputs(e2e_runs):
     agent = xinet.load_agent(os.path.join(e2e_runs[0], "agent.pt"))
     assert agent.num_params() == params[-1]
     assert sum(agent.alive_units().values()) == sum(int(v) for k, v in rows[-1].items() if k.startswith("alive_"))
+
+
+def test_default_estimator_prunes_end_to_end(tmp_path):
+    args = E2E[:-2] + ["--out", str(tmp_path)]  # the default estimator (pathwise)
+    assert xinet.main(args) == 0
+    rows = read_progress(str(tmp_path))
+    dense = Agent(small_config(ofe_layers=2, ofe_units=8, hidden=32), OBS, -np.ones(ACT), np.ones(ACT))
+    assert int(rows[-1]["params"]) < dense.num_params()
+    assert all(math.isfinite(float(r["eval_return"])) for r in rows)
 
 
 def test_eval_reloads_checkpoint_in_fresh_process(e2e_runs):
@@ -508,3 +518,22 @@ def test_readme_example_prunes_a_plain_mlp():
     assert scope["expected_params"](scope["wiring"]).item() < scope["dense"]
     scope["net"].eval()
     assert F.mse_loss(scope["net"](scope["x"]), scope["y"]).item() < 0.01
+
+
+@pytest.mark.parametrize("estimator", ["flip", "pathwise"])
+def test_densenet_layer_may_vanish(estimator):
+    agent = small_agent(estimator=estimator)
+    with torch.no_grad():
+        agent.ofenet.state_block[0].theta.zero_()
+    obs, act = torch.randn(8, OBS), torch.rand(8, ACT) * 2 - 1
+    before = outputs(agent, obs, act)
+    assert agent.prune() == 6
+    assert agent.ofenet.state_block[0].out_features == 0
+    after = outputs(agent, obs, act)
+    for k in before:
+        torch.testing.assert_close(after[k], before[k], atol=1e-5, rtol=1e-5, msg=k)
+    buf = random_buffer()
+    for _ in range(3):
+        info = xinet.update(agent, buf.sample(32), gates_on=True, strength=1.0)
+    assert all(torch.isfinite(v) for v in info.values())
+    assert agent.expected_params().item() <= agent.num_params()

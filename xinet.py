@@ -77,10 +77,10 @@ class Config:
     """Bernoulli-gate units and prune (--no-gates: the dense agent)"""
     gate: str = "ofenet,actor,critic"
     """comma-separated networks whose hidden units carry gates"""
-    estimator: str = "flip"
-    """gradient estimator of dE[loss]/dtheta: flip (unbiased) or pathwise (cheap, biased)"""
+    estimator: str = "pathwise"
+    """gradient estimator of dE[loss]/dtheta: pathwise (cheap, biased) or flip (unbiased)"""
     prune_strength: float = -1.0
-    """gamma of Eq. 3, the price of a full agent's parameters in loss units (<0: estimator default)"""
+    """gamma of Eq. 3, the price of a full agent's parameters in loss units (<0: 1 for pathwise, 0.1 for flip)"""
     prune_start: int = 0
     """environment step at which gate training and pruning begin (never before pre-training ends)"""
     prune_ramp: int = 10_000
@@ -107,8 +107,8 @@ class Config:
     """build the architecture of this checkpoint with fresh weights and no gates"""
 
 
-CHOICES = {"estimator": ("flip", "pathwise"), "device": ("auto", "cpu", "cuda")}
-DEFAULT_STRENGTH = {"flip": 0.05, "pathwise": 3.0}
+CHOICES = {"estimator": ("pathwise", "flip"), "device": ("auto", "cpu", "cuda")}
+DEFAULT_STRENGTH = {"pathwise": 1.0, "flip": 0.1}
 NETWORKS = ("ofenet", "actor", "critic")
 
 
@@ -226,6 +226,9 @@ class GatedLinear(nn.Module):
         return self.bn(z)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, in) -> (B, out)
+        if self.out_features == 0:  # a layer pruned away entirely (possible in a DenseNet)
+            self.xi = x.new_zeros(x.shape[0], 0)
+            return self.xi
         h = self.linear(x)
         if self.bn is not None:
             h = self._normalize(h)
@@ -299,6 +302,7 @@ def flip_estimate(groups: list[list[GatedLinear]], losses: torch.Tensor,
     Call after the main training pass (its xi are used) and before the weights change.
     """
     B = losses.shape[0]
+    groups = [[layer for layer in group if layer.out_features] for group in groups]
     picks = []
     for group in groups:
         sizes = [layer.out_features for layer in group]
@@ -692,9 +696,9 @@ def train_network(agent: Agent, key: str, net: nn.Module, optimizer: torch.optim
     optimizer.zero_grad(set_to_none=True)
     loss.backward(inputs=weights + pathwise)
     optimizer.step()
-    for layer in layers:
-        grad = flip_grads[layer] if flip else layer.theta.grad
-        layer.theta.grad = grad / s
+    for layer in layers:  # a layer pruned to width 0 has no gradient
+        grad = flip_grads.get(layer) if flip else layer.theta.grad
+        layer.theta.grad = (torch.zeros_like(layer.theta) if grad is None else grad) / s
     net.eval()
     return loss.detach()
 
