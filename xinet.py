@@ -122,6 +122,7 @@ class UserError(Exception):
 
 
 def validate(cfg: Config) -> Config:
+    """Check the values a user can get wrong and fill in the estimator's default strength."""
     for name in ("total_steps", "batch_size", "buffer_size", "eval_every", "eval_episodes",
                  "prune_every", "hidden", "log_every"):
         if getattr(cfg, name) <= 0:
