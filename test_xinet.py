@@ -537,3 +537,10 @@ def test_densenet_layer_may_vanish(estimator):
         info = xinet.update(agent, buf.sample(32), gates_on=True, strength=1.0)
     assert all(torch.isfinite(v) for v in info.values())
     assert agent.expected_params().item() <= agent.num_params()
+    with torch.no_grad():  # the whole of OFENet may go: z_o = o, z_oa = [o, a]
+        for layer in xinet.gated_layers(agent.ofenet):
+            layer.theta.zero_()
+    agent.prune()
+    assert agent.ofenet.state_dim == OBS and agent.ofenet.state_action_dim == OBS + ACT
+    xinet.update(agent, buf.sample(32), gates_on=True, strength=1.0)
+    assert agent.actor.net[0].linear.in_features == OBS

@@ -304,16 +304,17 @@ def flip_estimate(groups: list[list[GatedLinear]], losses: torch.Tensor,
     """
     B = losses.shape[0]
     groups = [[layer for layer in group if layer.out_features] for group in groups]
-    picks = []
+    units = []
     for group in groups:
         sizes = [layer.out_features for layer in group]
-        U = sum(sizes)
-        pick = torch.randint(U, (B, 1), device=losses.device)
+        units.append(sum(sizes))
+        if not group:
+            continue
+        pick = torch.randint(units[-1], (B, 1), device=losses.device)  # j(i) within the group
         start = 0
         for layer, n in zip(group, sizes):
             layer.flip = pick == torch.arange(start, start + n, device=losses.device)  # (B, n)
             start += n
-        picks.append(U)
     try:
         delta = losses.detach() - replay()  # (B, G)
     finally:
@@ -321,7 +322,7 @@ def flip_estimate(groups: list[list[GatedLinear]], losses: torch.Tensor,
         for layer in flips:
             layer.flip = None
     grads = {}
-    for k, (group, U) in enumerate(zip(groups, picks)):
+    for k, (group, U) in enumerate(zip(groups, units)):
         for layer in group:
             signed = (2.0 * layer.xi - 1.0) * flips[layer]          # (B, n)
             grads[layer] = (delta[:, k:k + 1] * signed).sum(0) * (U / B)
@@ -364,10 +365,16 @@ class OFENet(nn.Module):
             return layers
 
         self.state_block = block(obs_dim, state_widths)
-        self.state_dim = obs_dim + sum(state_widths)
         self.sa_block = block(self.state_dim + act_dim, sa_widths)
-        self.state_action_dim = self.state_dim + act_dim + sum(sa_widths)
         self.head = GatedLinear(self.state_action_dim, obs_dim, gated=False)
+
+    @property
+    def state_dim(self) -> int:  # width of z_o, as pruned so far
+        return self.obs_dim + sum(layer.out_features for layer in self.state_block)
+
+    @property
+    def state_action_dim(self) -> int:  # width of z_oa
+        return self.state_dim + self.act_dim + sum(layer.out_features for layer in self.sa_block)
 
     @staticmethod
     def _dense(x: torch.Tensor, block: nn.ModuleList) -> torch.Tensor:
