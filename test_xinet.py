@@ -324,6 +324,7 @@ def test_save_and_load_pruned_agent(tmp_path):
     for k in a:
         torch.testing.assert_close(a[k], b[k], msg=k)
     assert loaded.num_params() == agent.num_params()
+    assert loaded.dense_params == agent.dense_params > agent.num_params()  # P(1) of the original
 
 
 # ---------------------------------------------------------------------------------------------

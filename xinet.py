@@ -284,6 +284,11 @@ class GatedLinear(nn.Module):
             self.xi = self.flip = self._batch_stats = None
 
 
+def weights(module: nn.Module) -> list[nn.Parameter]:
+    """A module's parameters other than gate parameters: what its own optimizer trains."""
+    return [p for n, p in module.named_parameters() if not n.endswith("theta")]
+
+
 def gated_layers(module: nn.Module) -> list[GatedLinear]:
     """The GatedLinear layers of a module that carry gates, in registration order."""
     return [m for m in module.modules() if isinstance(m, GatedLinear) and m.theta is not None]
@@ -539,7 +544,6 @@ class Agent(nn.Module):
             params = list(params)
             return torch.optim.Adam(params, lr=lr) if params else None
 
-        weights = lambda m: [p for n, p in m.named_parameters() if not n.endswith("theta")]
         self.ofenet_opt = adam(weights(self.ofenet), cfg.lr) if self.ofenet else None
         self.actor_opt = adam(weights(self.actor), cfg.lr)
         self.critic_opt = adam(weights(self.critic), cfg.lr)
@@ -600,7 +604,7 @@ class Agent(nn.Module):
                    for n, p in layer.named_parameters() if n != "theta")
 
     def network_params(self) -> dict[str, int]:
-        return {name: sum(p.numel() for n, p in net.named_parameters() if not n.endswith("theta"))
+        return {name: sum(p.numel() for p in weights(net))
                 for name, net in self.networks().items()}
 
     def widths(self) -> dict[str, list]:
@@ -699,10 +703,9 @@ def train_network(agent: Agent, key: str, net: nn.Module, optimizer: torch.optim
     layers = gated_layers(net) if gates_on else []
     flip = layers and agent.cfg.estimator == "flip"
     flip_grads = flip_estimate(groups or [layers], losses, per_example_loss) if flip else None
-    weights = [p for n, p in net.named_parameters() if not n.endswith("theta")]
     pathwise = [layer.theta for layer in layers] if layers and not flip else []
     optimizer.zero_grad(set_to_none=True)
-    loss.backward(inputs=weights + pathwise)
+    loss.backward(inputs=weights(net) + pathwise)
     optimizer.step()
     for layer in layers:  # a layer pruned to width 0 has no gradient
         grad = flip_grads.get(layer) if flip else layer.theta.grad
@@ -721,9 +724,7 @@ def update_ofenet(agent: Agent, obs, action, next_obs, gates_on: bool) -> torch.
 @torch.no_grad()
 def polyak_(target: nn.Module, online: nn.Module, tau: float) -> None:
     """target <- (1 - tau) target + tau online, for weights; gates are copied in gate_step."""
-    pairs = [(pt, p) for (n, pt), p in zip(target.named_parameters(), online.parameters())
-             if not n.endswith("theta")]
-    torch._foreach_lerp_([pt for pt, _ in pairs], [p for _, p in pairs], tau)
+    torch._foreach_lerp_(weights(target), weights(online), tau)
 
 
 def gate_step(agent: Agent, strength: float) -> None:
@@ -811,7 +812,7 @@ def save_agent(agent: Agent, path: str) -> None:
     payload = {"format": FORMAT, "config": dataclasses.asdict(agent.cfg), "obs_dim": agent.obs_dim,
                "act_low": agent.actor.bias.cpu() - agent.actor.scale.cpu(),
                "act_high": agent.actor.bias.cpu() + agent.actor.scale.cpu(),
-               "widths": agent.widths(), "state": agent.state_dict(),
+               "widths": agent.widths(), "state": agent.state_dict(), "dense_params": agent.dense_params,
                "loss_scale": {k: v.cpu() for k, v in agent.loss_scale.items()}}
     tmp = f"{path}.tmp"
     torch.save(payload, tmp)
@@ -842,6 +843,7 @@ def load_agent(path: str, device: torch.device | str = "cpu") -> Agent:
     except RuntimeError:
         raise UserError(f"{path} does not match the architecture it describes.") from None
     agent.loss_scale = {k: v.to(device) for k, v in payload.get("loss_scale", {}).items()}
+    agent.dense_params = payload.get("dense_params", agent.dense_params)  # P(1) of the unpruned agent
     return agent
 
 
