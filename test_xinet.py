@@ -29,9 +29,9 @@ def small_agent(seed=0, **kw) -> Agent:
     return Agent(small_config(**kw), OBS, -np.ones(ACT), np.ones(ACT))
 
 
-def random_buffer(n=400, seed=0) -> ReplayBuffer:
+def random_buffer(n=400, seed=0, device="cpu") -> ReplayBuffer:
     rng = np.random.default_rng(seed)
-    buf = ReplayBuffer(OBS, ACT, n, "cpu")
+    buf = ReplayBuffer(OBS, ACT, n, torch.device(device))
     for i in range(n):
         buf.add(rng.normal(size=OBS), rng.uniform(-1, 1, ACT), rng.normal(), rng.normal(size=OBS), i % 37 == 0)
     return buf
@@ -545,3 +545,43 @@ def test_densenet_layer_may_vanish(estimator):
     assert agent.ofenet.state_dim == OBS and agent.ofenet.state_action_dim == OBS + ACT
     xinet.update(agent, buf.sample(32), gates_on=True, strength=1.0)
     assert agent.actor.net[0].linear.in_features == OBS
+
+
+# ---------------------------------------------------------------------------------------------
+# The GPU path: the update recorded as a CUDA graph (skipped where there is no GPU)
+# ---------------------------------------------------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+@pytest.mark.parametrize("estimator", ["pathwise", "flip"])
+def test_cuda_graph_replays_the_eager_update_across_pruning(estimator):
+    agents = []
+    for graphs in (False, True):
+        torch.manual_seed(0)
+        agent = Agent(small_config(estimator=estimator, gate_lr=0.05), OBS, -np.ones(ACT), np.ones(ACT),
+                      device="cuda")
+        learner = xinet.Learner(agent, random_buffer(device="cuda"), 32, graphs)
+        for k in range(40):
+            learner(gates_on=True, strength=20.0)
+            if k % 10 == 9:
+                agent.prune()  # the graph is recorded again at the next call
+        torch.cuda.synchronize()
+        agents.append(agent)
+    eager, graphed = agents
+    assert graphed.num_params() < small_agent().num_params()  # pruning happened between replays
+    assert eager.widths() == graphed.widths()
+    for (name, p), q in zip(eager.state_dict().items(), graphed.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@needs_cuda
+def test_cuda_training_run_prunes_and_reloads(tmp_path):
+    args = E2E[:-2] + ["--device", "cuda", "--out", str(tmp_path)]
+    assert xinet.main(args) == 0
+    rows = read_progress(str(tmp_path))
+    agent = xinet.load_agent(os.path.join(str(tmp_path), "agent.pt"), "cuda")
+    dense = Agent(small_config(ofe_layers=2, ofe_units=8, hidden=32), OBS, -np.ones(ACT), np.ones(ACT))
+    assert agent.num_params() == int(rows[-1]["params"]) < dense.num_params()
+    assert all(math.isfinite(float(r["eval_return"])) for r in rows)

@@ -99,6 +99,8 @@ class Config:
     """environment steps (or pre-training updates) between progress lines"""
     device: str = "auto"
     """auto, cpu or cuda"""
+    cuda_graphs: bool = True
+    """on a GPU, replay each update as one recorded CUDA graph (re-recorded after pruning)"""
     threads: int = 0
     """torch CPU threads (0: torch's default)"""
     out: str = ""
@@ -154,28 +156,29 @@ class ReplayBuffer:
     """A ring buffer of (obs, action, reward, next_obs, terminated), preallocated on `device`.
 
     `terminated` is the MDP's end (no bootstrap); a time-limit truncation is stored as not
-    terminated, so the critic target still bootstraps from next_obs there.
+    terminated, so the critic target still bootstraps from next_obs there. The fields are
+    columns of one (capacity, 2 d_o + d_a + 2) tensor: adding is one copy, sampling one gather,
+    and sampling reads the fill level from a device tensor, so it can be part of a CUDA graph.
     """
 
     def __init__(self, obs_dim: int, act_dim: int, capacity: int, device: torch.device):
-        def zeros(*shape):
-            return torch.zeros(capacity, *shape, dtype=torch.float32, device=device)
-        self.obs, self.next_obs = zeros(obs_dim), zeros(obs_dim)
-        self.action, self.reward, self.terminated = zeros(act_dim), zeros(), zeros()
+        self.data = torch.zeros(capacity, 2 * obs_dim + act_dim + 2, device=device)
+        self.split = (obs_dim, act_dim, 1, obs_dim, 1)  # obs | action | reward | next_obs | terminated
+        self.count = torch.zeros((), dtype=torch.float64, device=device)  # = size, on the device
         self.capacity, self.device, self.pos, self.size = capacity, device, 0, 0
 
     def add(self, obs, action, reward, next_obs, terminated) -> None:
-        i = self.pos
-        for buf, x in ((self.obs, obs), (self.action, action), (self.next_obs, next_obs)):
-            buf[i] = torch.as_tensor(x, dtype=torch.float32)
-        self.reward[i], self.terminated[i] = float(reward), float(terminated)
-        self.pos, self.size = (i + 1) % self.capacity, min(self.size + 1, self.capacity)
+        row = np.concatenate([np.asarray(obs, np.float32).ravel(), np.asarray(action, np.float32).ravel(),
+                              [reward], np.asarray(next_obs, np.float32).ravel(), [float(terminated)]])
+        self.data[self.pos].copy_(torch.from_numpy(row.astype(np.float32)))
+        self.pos, self.size = (self.pos + 1) % self.capacity, min(self.size + 1, self.capacity)
+        self.count.fill_(self.size)
 
     def sample(self, batch_size: int) -> tuple[torch.Tensor, ...]:
         """Uniform minibatch: obs (B, d_o), action (B, d_a), reward (B,), next_obs (B, d_o), terminated (B,)."""
-        idx = torch.randint(self.size, (batch_size,), device=self.device)
-        return (self.obs[idx], self.action[idx], self.reward[idx], self.next_obs[idx],
-                self.terminated[idx])
+        idx = (torch.rand(batch_size, dtype=torch.float64, device=self.device) * self.count).long()
+        obs, action, reward, next_obs, terminated = self.data[idx].split(self.split, dim=1)
+        return obs, action, reward.squeeze(1), next_obs, terminated.squeeze(1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -451,7 +454,7 @@ Source = Union[int, GatedLinear]  # a segment of a layer's input: a fixed width,
 Wiring = list[tuple[GatedLinear, list[Source]]]  # every layer with the segments its input concatenates
 
 
-def expected_params(wiring: Wiring) -> torch.Tensor:
+class ExpectedParams(nn.Module):
     """P(theta) = sum over layers of E[out] * (E[in] + 1 + 2 [BN]),                      (Eq. 4)
     E[in] = sum over input segments of (fixed width or sum theta of the units read),
     E[out] = sum theta of the layer's own units (its width when ungated).
@@ -460,24 +463,61 @@ def expected_params(wiring: Wiring) -> torch.Tensor:
     P is multilinear in theta and, at binary theta, the parameter count of the compacted
     network. dP/dtheta_j is unit j's marginal cost: its fan-in, bias and BN, plus one weight
     in every layer that reads it: the per-unit weights of the cost-aware regulariser.
+
+    Computed as a quadratic form in the vector e of the layers' expected widths E[out]:
+        P = e . (a + c) + e . (A e),                                                  (Eq. 4')
+    a_l = layer l's fixed input columns, c_l = 1 + 2 [BN], A_lm = 1 where layer l reads layer
+    m. Pruning changes widths, never who reads whom, so a, c and A are built once, and P costs
+    a handful of kernels instead of one per input segment.
     """
-    total = torch.zeros(())
-    for layer, sources in wiring:
-        e_in = sum(s if isinstance(s, int) else s.expected_width() for s in sources)
-        total = total + layer.expected_width() * (e_in + 1 + (2 if layer.bn is not None else 0))
-    return total
+
+    def __init__(self, wiring: Wiring):
+        super().__init__()
+        self.layers = [layer for layer, _ in wiring]  # a plain list: not registered as submodules
+        index = {layer: i for i, layer in enumerate(self.layers)}
+        L = len(self.layers)
+        device = self.layers[0].linear.weight.device if L else None
+        A, fixed = torch.zeros(L, L), torch.zeros(L)
+        for i, (layer, sources) in enumerate(wiring):
+            fixed[i] = sum(s for s in sources if isinstance(s, int)) + 1 + (2 if layer.bn is not None else 0)
+            for s in sources:
+                if not isinstance(s, int):
+                    if s not in index:
+                        raise ValueError("every layer a wiring reads from must be listed in it")
+                    A[i, index[s]] += 1
+        self.gated = [i for i, layer in enumerate(self.layers) if layer.theta is not None]
+        ungated = torch.tensor([0 if layer.theta is not None else layer.out_features for layer in self.layers],
+                               dtype=torch.float32)
+        self.register_buffer("A", A.to(device), persistent=False)
+        self.register_buffer("fixed_in", fixed.to(device), persistent=False)
+        self.register_buffer("ungated_width", ungated.to(device), persistent=False)
+        self.register_buffer("gated_index", torch.tensor(self.gated, dtype=torch.long).to(device), persistent=False)
+
+    def forward(self) -> torch.Tensor:
+        e = self.ungated_width  # (L,) E[out] of every layer
+        if self.gated:
+            widths = torch.stack([self.layers[i].theta.sum() for i in self.gated])
+            e = e.index_put((self.gated_index,), widths)
+        return e @ self.fixed_in + e @ (self.A @ e)
+
+
+def expected_params(wiring: Wiring) -> torch.Tensor:
+    """P(theta) of a wiring (Eq. 4), a scalar tensor differentiable in every theta."""
+    return ExpectedParams(wiring)()
 
 
 @torch.no_grad()
 def project_gates_(layers: list[GatedLinear], before: list[torch.Tensor]) -> None:
     """theta <- clip_[0,1](theta) after a gradient step (the projection of Eq. 9), which is what
     lands theta exactly on 0 or 1. A layer with min_units keeps its strongest unit alive."""
+    thetas = [layer.theta for layer in layers]
+    torch._foreach_clamp_min_(thetas, 0.0)
+    torch._foreach_clamp_max_(thetas, 1.0)
     for layer, b in zip(layers, before):
-        t = layer.theta
-        t.clamp_(0.0, 1.0)
         if layer.min_units:  # if the step emptied the layer, undo it for the strongest unit
-            j = b.argmax()
-            t[j] = torch.where(t.max() > 0, t[j], b[j])
+            t = layer.theta
+            strongest = torch.arange(len(b), device=b.device) == b.argmax()
+            t.copy_(torch.where(strongest & (t.max() <= 0), b, t))  # no host sync: graph-safe
 
 
 # ----------------------------------------------------------------------------------------------
@@ -540,9 +580,10 @@ class Agent(nn.Module):
         self.target_entropy = -float(act_dim)
         self.to(device)
 
-        def adam(params, lr):
+        def adam(params, lr):  # one fused kernel per step; graph-capturable on a GPU
             params = list(params)
-            return torch.optim.Adam(params, lr=lr) if params else None
+            cuda = torch.device(device).type == "cuda"
+            return torch.optim.Adam(params, lr=lr, fused=True, capturable=cuda) if params else None
 
         self.ofenet_opt = adam(weights(self.ofenet), cfg.lr) if self.ofenet else None
         self.actor_opt = adam(weights(self.actor), cfg.lr)
@@ -550,6 +591,7 @@ class Agent(nn.Module):
         self.alpha_opt = adam([self.log_alpha], cfg.lr)
         self.gate_opt = adam(self.thetas(), cfg.gate_lr)
         self.loss_scale: dict[str, torch.Tensor] = {}  # s_N of Eq. 3, per network
+        self.param_count = ExpectedParams(self.wiring(targets=False))  # P(theta), Eq. 4
         self.dense_params = self.expected_params().item()  # P(1): every theta starts at 1
 
     # --- structure -----------------------------------------------------------------------------
@@ -596,7 +638,7 @@ class Agent(nn.Module):
 
     def expected_params(self) -> torch.Tensor:
         """P(theta) of OFENet (with its head), actor and both critics (Eq. 4), a scalar tensor."""
-        return expected_params(self.wiring(targets=False))
+        return self.param_count()
 
     def num_params(self) -> int:
         """Actual weights, biases and BN affine parameters, targets, theta and alpha excluded."""
@@ -662,12 +704,19 @@ class Agent(nn.Module):
     # ------------------------------------------------------------------------------------------
     # Pruning
     # ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def copy_gates_to_targets(self) -> None:
+        """Target critics' theta mirror the online critics' (so both prune the same units)."""
+        for target, online in zip(gated_layers(self.critic_target), gated_layers(self.critic)):
+            target.theta.copy_(online.theta)
+
     def prune(self) -> int:
         """Remove every unit whose theta is exactly 0 from every network, the target critics
         and the optimizers' state (Section 4); returns the number of units removed."""
         width = lambda: sum(layer.out_features for layer in self.gated())
         before = width()
         optimizers = [o for o in (self.ofenet_opt, self.actor_opt, self.critic_opt, self.gate_opt) if o]
+        self.copy_gates_to_targets()
         prune_units(self.wiring(targets=True), optimizers)
         return before - width()
 
@@ -727,7 +776,7 @@ def polyak_(target: nn.Module, online: nn.Module, tau: float) -> None:
     torch._foreach_lerp_(weights(target), weights(online), tau)
 
 
-def gate_step(agent: Agent, strength: float) -> None:
+def gate_step(agent: Agent, strength: float | torch.Tensor) -> None:
     """theta <- clip_[0,1](theta - Adam(dL/dtheta + strength * dP/dtheta / P(1)))      (Eq. 9)
 
     theta.grad already holds each network's loss term; P's gradient is every unit's marginal
@@ -745,9 +794,7 @@ def gate_step(agent: Agent, strength: float) -> None:
     agent.gate_opt.step()
     agent.gate_opt.zero_grad(set_to_none=True)
     project_gates_(layers, before)
-    with torch.no_grad():
-        for lt, lo in zip(gated_layers(agent.critic_target), gated_layers(agent.critic)):
-            lt.theta.copy_(lo.theta)
+    agent.copy_gates_to_targets()
 
 
 def update_temperature(agent: Agent, log_prob: torch.Tensor) -> None:
@@ -759,7 +806,8 @@ def update_temperature(agent: Agent, log_prob: torch.Tensor) -> None:
     agent.alpha_opt.step()
 
 
-def update(agent: Agent, batch, gates_on: bool = False, strength: float = 0.0) -> dict[str, torch.Tensor]:
+def update(agent: Agent, batch, gates_on: bool = False,
+           strength: float | torch.Tensor = 0.0) -> dict[str, torch.Tensor]:
     """One XiNet step on a minibatch: OFENet, twin critics, actor, temperature, gates."""
     cfg = agent.cfg
     obs, action, reward, next_obs, terminated = batch
@@ -771,11 +819,12 @@ def update(agent: Agent, batch, gates_on: bool = False, strength: float = 0.0) -
         info["ofenet_loss"] = update_ofenet(agent, obs, action, next_obs, gates_on)
 
     alpha = agent.log_alpha.exp().detach()
-    with torch.no_grad():
+    with torch.no_grad():  # o and o' share each pass: BN uses running statistics here
         z_o, z_next = agent.state_features(torch.cat([obs, next_obs])).chunk(2)  # (B, state_dim) x2
-        z_oa = agent.state_action_features(z_o, action)                         # (B, state_action_dim)
         next_action, next_logp = agent.actor(z_next)
-        next_q = agent.critic_target(agent.state_action_features(z_next, next_action)).min(-1).values
+        z_oa, z_next_a = agent.state_action_features(torch.cat([z_o, z_next]),
+                                                     torch.cat([action, next_action])).chunk(2)
+        next_q = agent.critic_target(z_next_a).min(-1).values                    # (B,)
         y = td_target(reward, terminated, next_q - alpha * next_logp, cfg.discount)  # (B,)
 
     td_errors = lambda: (agent.critic(z_oa) - y[:, None]).pow(2)  # (B, 2): separable twins
@@ -910,6 +959,61 @@ def build_agent(cfg: Config, env: gym.Env, device: torch.device) -> Agent:
     return Agent(cfg, obs_dim, low, high, widths=widths, device=device)
 
 
+class CudaGraph:
+    """Runs `fn()` on each call; on a GPU, as a recorded CUDA graph replayed with one launch.
+
+    An update is a thousand small kernels; launching them one by one from Python costs more
+    than running them. Recording needs `fn` to touch the same tensors every call: the buffer
+    and parameters are preallocated, the fill level and gamma live in device tensors, and
+    there is no host sync inside. Whenever `key` changes (pruning replaced the parameters,
+    gates switched on), `fn` is run once eagerly and recorded again; every call runs `fn`
+    exactly once. With `enabled` False (a CPU), it is a plain call.
+    """
+
+    def __init__(self, fn: Callable[[], object], enabled: bool):
+        self.fn, self.enabled, self.key, self.graph = fn, enabled, None, None
+
+    def __call__(self, key=None) -> None:
+        if not self.enabled:
+            self.fn()
+        elif key == self.key and self.graph is not None:
+            self.graph.replay()
+        else:
+            self.graph = None  # frees the old recording's memory
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # this call's work, eagerly (also warms up lazy state)
+                self.fn()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):  # recorded, not run
+                self.fn()
+            self.key = key
+
+
+class Learner:
+    """The training loop's update: `learner(gates_on, gamma)` runs Eq. 3's step on a fresh
+    minibatch, as a CUDA graph on a GPU (recorded again when pruning changes the architecture)."""
+
+    def __init__(self, agent: Agent, buffer: ReplayBuffer, batch_size: int, graphs: bool):
+        self.agent, self.gates_on = agent, False
+        self.strength = torch.zeros((), device=buffer.device)  # gamma, read by the recorded graph
+        self.graph = CudaGraph(lambda: update(agent, buffer.sample(batch_size), self.gates_on, self.strength),
+                               graphs)
+
+    def __call__(self, gates_on: bool, strength: float) -> None:
+        self.gates_on = gates_on
+        self.strength.fill_(strength)
+        self.graph(key=(gates_on, tuple(layer.out_features for layer in self.agent.gated())))
+
+
+def env_step(env: gym.Env, buffer: ReplayBuffer, obs: np.ndarray, action: np.ndarray):
+    """Act, store the transition; returns (next observation, reward, episode over)."""
+    next_obs, reward, terminated, truncated, _ = env.step(action)
+    buffer.add(obs, action, reward, next_obs, terminated)
+    return next_obs, float(reward), terminated or truncated
+
+
 def train(cfg: Config) -> str:
     """Run XiNet (or a baseline) as configured; returns the run directory."""
     cfg = validate(cfg)
@@ -930,6 +1034,9 @@ def train(cfg: Config) -> str:
     log = ProgressLog(os.path.join(run_dir, "progress.csv"))
     print(f"xinet: {cfg.env} on {device}, {agent.num_params():,} parameters, run dir {run_dir}", flush=True)
 
+    graphs = device.type == "cuda" and cfg.cuda_graphs
+    learner = Learner(agent, buffer, cfg.batch_size, graphs)
+
     obs, _ = env.reset(seed=cfg.seed)
     episode_return, train_returns, last_eval = 0.0, [], float("nan")
     t_start = t_line = t_row = time.perf_counter()
@@ -939,21 +1046,18 @@ def train(cfg: Config) -> str:
             action = env.action_space.sample()
         else:
             action = agent.act(obs, deterministic=False)
-        next_obs, reward, terminated, truncated, _ = env.step(action)
-        buffer.add(obs, action, reward, next_obs, terminated)
-        episode_return += float(reward)
-        obs = next_obs
-        if terminated or truncated:
+        obs, reward, done = env_step(env, buffer, obs, action)
+        episode_return += reward
+        if done:
             train_returns.append(episode_return)
             obs, _ = env.reset()
             episode_return = 0.0
 
         if step == cfg.learning_starts and agent.ofenet is not None:
-            pretrain_ofenet(agent, buffer, cfg)
+            pretrain_ofenet(agent, buffer, cfg, graphs)
         if step > cfg.learning_starts:
             gates_on = cfg.gates and step > gate_start and bool(agent.thetas())
-            strength = cfg.prune_strength * min(1.0, (step - gate_start) / max(cfg.prune_ramp, 1))
-            update(agent, buffer.sample(cfg.batch_size), gates_on, strength)
+            learner(gates_on, cfg.prune_strength * min(1.0, (step - gate_start) / max(cfg.prune_ramp, 1)))
             if gates_on and (step - gate_start) % cfg.prune_every == 0:
                 pruned_total += agent.prune()
 
@@ -988,12 +1092,19 @@ def train(cfg: Config) -> str:
     return run_dir
 
 
-def pretrain_ofenet(agent: Agent, buffer: ReplayBuffer, cfg: Config) -> None:
+def pretrain_ofenet(agent: Agent, buffer: ReplayBuffer, cfg: Config, graphs: bool = False) -> None:
     """OFENet's own warm-up: `pretrain_steps` auxiliary updates on the random-action data."""
+    losses = []
+
+    def step():
+        obs, action, _, next_obs, _ = buffer.sample(cfg.batch_size)
+        losses[:] = [update_ofenet(agent, obs, action, next_obs, gates_on=False)]
+
+    pretrain = CudaGraph(step, graphs)
     t0 = time.perf_counter()
     for k in range(1, cfg.pretrain_steps + 1):
-        obs, action, _, next_obs, _ = buffer.sample(cfg.batch_size)
-        loss = update_ofenet(agent, obs, action, next_obs, gates_on=False)
+        pretrain()
+        loss = losses[0]
         if k % cfg.log_every == 0 or k == cfg.pretrain_steps:
             print(f"pretrain {k:>7,}/{cfg.pretrain_steps:,}  aux loss {float(loss):.5f}  "
                   f"{k / (time.perf_counter() - t0):6.1f} updates/s", flush=True)

@@ -1,0 +1,243 @@
+"""How fast does XiNet train, and how close is that to what the machine can do?
+
+    python bench.py                   # this machine's CPU, all the threads torch uses
+    python bench.py --device cuda     # one GPU
+
+On Hopper-v4 (obs 11, action 3) with batch 256 it times the training loop's step, i.e. one
+environment step, one action, one replay insert and one full update, for
+
+    SAC          plain SAC on raw observations (--no-ofenet --no-gates)
+    OFE-SAC      the dense agent without gates (--no-gates)
+    XiNet 100%   XiNet at the start of gate training: every theta = 1, nothing pruned yet
+    XiNet 50%    XiNet pruned at random to 50% of its parameters, gates still training
+    XiNet 10%    the same at 10%
+
+and prints, for each: the training steps/s; the matrix-multiply FLOPs of one update, counted
+from the layer shapes (forward, backward and the estimator's extra passes, see update_flops);
+the achieved GFLOP/s of the update alone; and that as a fraction of this machine's float32
+matrix-multiply rate, measured in the same run on a large square product.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+import torch
+
+import xinet
+
+BATCH = 256
+
+
+# ----------------------------------------------------------------------------------------------
+# FLOPs of one update, from the layer shapes
+# ----------------------------------------------------------------------------------------------
+
+def linear_flops(layers, rows: int, weight_grad: bool = False, input_grad: bool = False,
+                 first_input_grad: bool = True) -> int:
+    """2 * rows * in * out per product: the forward, and in backward dW = g^T x and dx = g W.
+    The first layer's dx is computed only if its input requires grad (`first_input_grad`)."""
+    total = 0
+    for k, layer in enumerate(layers):
+        f = 2 * rows * layer.linear.in_features * layer.out_features
+        total += f * (1 + weight_grad + (input_grad and (k > 0 or first_input_grad)))
+    return total
+
+
+def update_flops(agent: xinet.Agent, batch: int, gates_on: bool) -> int:
+    """Matrix-multiply FLOPs of one `xinet.update` (element-wise work not counted)."""
+    B, ofe = batch, agent.ofenet
+    actor, critics = list(agent.actor.net), [list(q) for q in agent.critic.qs]
+    critic = lambda **kw: sum(linear_flops(q, B, **kw) for q in critics)
+    flip = gates_on and agent.cfg.estimator == "flip"
+    total = 0
+    if ofe is not None:
+        S, SA, head = list(ofe.state_block), list(ofe.sa_block), [ofe.head]
+        train = dict(weight_grad=True, input_grad=True)
+        total += linear_flops(S, B, first_input_grad=False, **train) + linear_flops(SA + head, B, **train)
+        total += flip * linear_flops(S + SA + head, B)                      # flip: one replay forward
+        total += linear_flops(S, 2 * B) + linear_flops(SA, 2 * B)           # targets: [o; o'] and both z_oa
+        sa_actor = linear_flops(SA, B, input_grad=True)                     # z_oa(a) for the actor loss
+    else:
+        sa_actor = 0
+    total += linear_flops(actor, B) + critic()                              # target: pi(o'), Q_targ
+    total += critic(weight_grad=True, input_grad=True, first_input_grad=False) + flip * critic()
+    actor_pass = linear_flops(actor, B, weight_grad=True, input_grad=True, first_input_grad=False)
+    total += actor_pass + sa_actor + critic(input_grad=True)
+    if flip:
+        total += linear_flops(actor, B) + (linear_flops(SA, B) if ofe is not None else 0) + critic()
+    return total
+
+
+def measured_update_flops(agent: xinet.Agent, batch_tensors, gates_on: bool) -> int:
+    """The same count taken by torch's FLOP counter from one real update (a cross-check)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        xinet.update(agent, batch_tensors, gates_on, 1.0)
+    return counter.get_total_flops()
+
+
+def kernels_per_update(agent: xinet.Agent, batch_tensors, gates_on: bool, device: torch.device) -> int:
+    """Kernels one eager update launches: on a GPU, counted by the profiler; on a CPU, the
+    non-view operators dispatched (each one a kernel call). Time per step ~ kernels x overhead."""
+    if device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            xinet.update(agent, batch_tensors, gates_on, 0.0)
+            torch.cuda.synchronize()
+        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += not func.is_view
+            return func(*args, **(kwargs or {}))
+
+    with Count() as count:
+        xinet.update(agent, batch_tensors, gates_on, 0.0)
+    return count.n
+
+
+# ----------------------------------------------------------------------------------------------
+# The machine's matmul rate
+# ----------------------------------------------------------------------------------------------
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_rate(device: torch.device, seconds: float = 1.0) -> float:
+    """float32 GFLOP/s of a large square product (TF32 off: plain float32, as training uses)."""
+    n = 8192 if device.type == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    torch.mm(a, b)
+    sync(device)
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        torch.mm(a, b)
+        reps += 1
+        if device.type == "cuda":
+            sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
+
+
+# ----------------------------------------------------------------------------------------------
+# One configuration
+# ----------------------------------------------------------------------------------------------
+
+def prune_at_random(agent: xinet.Agent, fraction: float, seed: int = 0) -> None:
+    """Set theta = 0 on random units until P(theta) is `fraction` of the dense count, then prune.
+
+    Each gated unit survives with probability q, and q is bisected on P(theta) itself (Eq. 4),
+    so the compacted agent has `fraction` of the parameters, up to the randomness of the draw.
+    """
+    layers = agent.gated()
+    g = torch.Generator().manual_seed(seed)
+    draws = [torch.rand(layer.out_features, generator=g) for layer in layers]
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        q = (lo + hi) / 2
+        with torch.no_grad():
+            for layer, u in zip(layers, draws):
+                layer.theta.copy_((u < q).float())
+        lo, hi = (q, hi) if agent.expected_params().item() < fraction * agent.dense_params else (lo, q)
+    agent.prune()
+
+
+def bench_one(name: str, cfg: xinet.Config, device: torch.device, steps: int, warmup: int,
+              prune_to: float = 1.0) -> dict:
+    cfg = xinet.validate(cfg)
+    torch.manual_seed(cfg.seed)
+    env = xinet.make_env(cfg.env)
+    agent = xinet.build_agent(cfg, env, device)
+    if prune_to < 1:
+        prune_at_random(agent, prune_to)
+    buffer = xinet.ReplayBuffer(agent.obs_dim, agent.act_dim, 100_000, device)
+    obs, _ = env.reset(seed=cfg.seed)
+    for _ in range(2_000):  # random-action data to sample from
+        obs, _, done = xinet.env_step(env, buffer, obs, env.action_space.sample())
+        if done:
+            obs, _ = env.reset()
+    gates_on = cfg.gates and bool(agent.thetas())
+    learner = xinet.Learner(agent, buffer, BATCH, graphs=device.type == "cuda" and cfg.cuda_graphs)
+    flops = update_flops(agent, BATCH, gates_on)
+
+    def run(n: int, with_env: bool) -> float:
+        nonlocal obs
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            if with_env:
+                obs, _, done = xinet.env_step(env, buffer, obs, agent.act(obs, deterministic=False))
+                if done:
+                    obs, _ = env.reset()
+            learner(gates_on, 0.0)  # gamma 0: gates train, but nothing is pushed to 0 while timing
+        sync(device)
+        return (time.perf_counter() - t0) / n
+
+    run(warmup, True)
+    step_time = run(steps, True)
+    update_time = run(steps, False)
+    kernels = kernels_per_update(agent, buffer.sample(BATCH), gates_on, device)
+    env.close()
+    return {"config": name, "params": agent.num_params(), "steps_per_s": 1 / step_time,
+            "update_ms": 1e3 * update_time, "mflop": flops / 1e6, "gflops": flops / update_time / 1e9,
+            "kernels": kernels}
+
+
+CONFIGS = [
+    ("SAC", dict(ofenet=False, gates=False), 1.0),
+    ("OFE-SAC", dict(gates=False), 1.0),
+    ("XiNet 100%", dict(), 1.0),
+    ("XiNet 50%", dict(), 0.5),
+    ("XiNet 10%", dict(), 0.1),
+]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--steps", type=int, default=0, help="timed steps per configuration (0: 300 on a CPU, 2000 on a GPU)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--estimator", default="pathwise", choices=xinet.CHOICES["estimator"])
+    parser.add_argument("--no-cuda-graphs", action="store_true", help="run the GPU update eagerly")
+    parser.add_argument("--only", default="", help="comma-separated subset of the configurations")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench.py: error: --device cuda was asked for but no CUDA device is available.", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    steps = args.steps or (2000 if device.type == "cuda" else 300)
+    rate = matmul_rate(device)
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"{where}: float32 matmul {rate:.0f} GFLOP/s; Hopper-v4, batch {BATCH}, {steps} timed steps each")
+    rows = []
+    only = set(filter(None, args.only.split(",")))
+    for name, kw, fraction in CONFIGS:
+        if only and name not in only:
+            continue
+        cfg = xinet.Config(env="Hopper-v4", device=args.device, estimator=args.estimator,
+                           cuda_graphs=not args.no_cuda_graphs, **kw)
+        row = bench_one(name, cfg, device, steps, warmup=max(20, steps // 10), prune_to=fraction)
+        rows.append(row)
+        print(f"  {name:<11} done: {row['steps_per_s']:7.1f} steps/s", flush=True)
+    dense = next((r for r in rows if r["config"] == "XiNet 100%"), None)
+    print(f"\n| config | params | train steps/s | vs XiNet 100% | update ms | MFLOP/update | GFLOP/s | "
+          f"of matmul rate | kernels/update |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        speedup = f"{r['steps_per_s'] / dense['steps_per_s']:.2f}x" if dense else "-"
+        print(f"| {r['config']} | {r['params']:,} | {r['steps_per_s']:.1f} | {speedup} | {r['update_ms']:.2f} | "
+              f"{r['mflop']:.0f} | {r['gflops']:.1f} | {r['gflops'] / rate:.0%} | {r['kernels']} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
