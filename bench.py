@@ -164,7 +164,8 @@ def bench_one(name: str, cfg: xinet.Config, device: torch.device, steps: int, wa
         if done:
             obs, _ = env.reset()
     gates_on = cfg.gates and bool(agent.thetas())
-    learner = xinet.Learner(agent, buffer, BATCH, graphs=device.type == "cuda" and cfg.cuda_graphs)
+    graphs = device.type == "cuda" and cfg.cuda_graphs
+    learner, explore = xinet.Learner(agent, buffer, BATCH, graphs), xinet.Explorer(agent, graphs)
     flops = update_flops(agent, BATCH, gates_on)
 
     def run(n: int, with_env: bool) -> float:
@@ -173,7 +174,7 @@ def bench_one(name: str, cfg: xinet.Config, device: torch.device, steps: int, wa
         t0 = time.perf_counter()
         for _ in range(n):
             if with_env:
-                obs, _, done = xinet.env_step(env, buffer, obs, agent.act(obs, deterministic=False))
+                obs, _, done = xinet.env_step(env, buffer, obs, explore(obs))
                 if done:
                     obs, _ = env.reset()
             learner(gates_on, 0.0)  # gamma 0: gates train, but nothing is pushed to 0 while timing

@@ -459,7 +459,7 @@ def test_eval_reloads_checkpoint_in_fresh_process(e2e_runs):
 
 def test_same_seed_same_results(e2e_runs):
     a, b = (read_progress(d) for d in e2e_runs)
-    timing = {"steps_per_sec", "time"}
+    timing = {"steps_per_sec", "time", "max_rss_mb"}
     assert [{k: v for k, v in r.items() if k not in timing} for r in a] == \
            [{k: v for k, v in r.items() if k not in timing} for r in b]
     ta, tb = (xinet.load_agent(os.path.join(d, "agent.pt")).thetas() for d in e2e_runs)
@@ -545,6 +545,43 @@ def test_densenet_layer_may_vanish(estimator):
     assert agent.ofenet.state_dim == OBS and agent.ofenet.state_action_dim == OBS + ACT
     xinet.update(agent, buf.sample(32), gates_on=True, strength=1.0)
     assert agent.actor.net[0].linear.in_features == OBS
+
+
+# ---------------------------------------------------------------------------------------------
+# Speed: what bench.py counts
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kw,gates_on,fraction", [(dict(ofenet=False, gates=False), False, 1.0),
+                                                  (dict(gates=False), False, 1.0),
+                                                  (dict(), True, 1.0), (dict(), True, 0.3),
+                                                  (dict(estimator="flip"), True, 0.5)])
+def test_update_flops_from_shapes_match_torch_flop_counter(kw, gates_on, fraction):
+    import bench
+    agent = small_agent(**kw)
+    if fraction < 1:
+        bench.prune_at_random(agent, fraction)
+    buf = random_buffer()
+    xinet.update(agent, buf.sample(64), gates_on, 1.0)  # loss scales exist, as in a running loop
+    assert bench.update_flops(agent, 64, gates_on) == bench.measured_update_flops(agent, buf.sample(64), gates_on)
+
+
+def test_random_pruning_reaches_the_asked_fraction():
+    import bench
+    torch.manual_seed(0)
+    agent = Agent(xinet.validate(Config()), OBS, -np.ones(ACT), np.ones(ACT))  # Hopper's full size
+    bench.prune_at_random(agent, 0.1)
+    assert abs(agent.num_params() / agent.dense_params - 0.1) < 0.01
+    assert agent.widths()["critic"] == [[l.out_features for l in list(q)[:-1]] for q in agent.critic_target.qs]
+
+
+def test_prune_takes_target_critics_along_with_online_gates():
+    agent = small_agent()
+    with torch.no_grad():
+        agent.critic.qs[0][0].theta[:5] = 0.0  # set on the online critic only
+    agent.prune()
+    assert agent.critic_target.qs[0][0].out_features == agent.critic.qs[0][0].out_features == 11
+    z = torch.randn(4, agent.ofenet.state_action_dim)
+    assert agent.critic_target(z).shape == (4, 2)
 
 
 # ---------------------------------------------------------------------------------------------

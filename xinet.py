@@ -649,6 +649,10 @@ class Agent(nn.Module):
         return {name: sum(p.numel() for p in weights(net))
                 for name, net in self.networks().items()}
 
+    def architecture(self) -> tuple[int, ...]:
+        """Width of every gated layer: changes exactly when pruning removes a unit."""
+        return tuple(layer.out_features for layer in self.gated())
+
     def widths(self) -> dict[str, list]:
         """Hidden widths per layer: enough to rebuild this (possibly pruned) architecture."""
         hidden = lambda seq: [layer.out_features for layer in list(seq)[:-1]]
@@ -691,10 +695,15 @@ class Agent(nn.Module):
     @torch.no_grad()
     def act(self, obs: np.ndarray, deterministic: bool = True) -> np.ndarray:
         """Action for one observation (d_o,) or a batch (N, d_o); mean gates, BN running stats."""
-        self.eval()
         x = torch.as_tensor(obs, dtype=torch.float32, device=self.log_alpha.device)
-        action, _ = self.actor(self.state_features(x.reshape(-1, self.obs_dim)), deterministic=deterministic)
-        return action.reshape(*x.shape[:-1], self.act_dim).cpu().numpy()
+        return self.policy(x, deterministic).cpu().numpy()
+
+    @torch.no_grad()
+    def policy(self, obs: torch.Tensor, deterministic: bool = True) -> torch.Tensor:
+        """act() on a tensor (..., d_o) -> (..., d_a), on the agent's device."""
+        self.eval()
+        action, _ = self.actor(self.state_features(obs.reshape(-1, self.obs_dim)), deterministic=deterministic)
+        return action.reshape(*obs.shape[:-1], self.act_dim)
 
     @torch.no_grad()
     def q_values(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
@@ -937,6 +946,13 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def max_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux and macOS)."""
+    import resource
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
 def theta_summary(agent: Agent) -> tuple[int, int]:
     """(surviving theta exactly 1, surviving theta inside (0, 1))."""
     thetas = torch.cat([t.detach().flatten() for t in agent.thetas()]) if agent.thetas() else torch.zeros(0)
@@ -1004,7 +1020,26 @@ class Learner:
     def __call__(self, gates_on: bool, strength: float) -> None:
         self.gates_on = gates_on
         self.strength.fill_(strength)
-        self.graph(key=(gates_on, tuple(layer.out_features for layer in self.agent.gated())))
+        self.graph(key=(gates_on, self.agent.architecture()))
+
+
+class Explorer:
+    """The training loop's actions a ~ pi(.|o) for one observation; on a GPU the policy's
+    forward pass is one CUDA graph replay instead of some forty kernel launches."""
+
+    def __init__(self, agent: Agent, graphs: bool):
+        self.agent = agent
+        self.obs = torch.zeros(agent.obs_dim, device=agent.log_alpha.device)  # the graph's input
+        self.action: Optional[torch.Tensor] = None                              # and its output
+
+        def sample():
+            self.action = agent.policy(self.obs, deterministic=False)
+        self.graph = CudaGraph(sample, graphs)
+
+    def __call__(self, obs: np.ndarray) -> np.ndarray:
+        self.obs.copy_(torch.as_tensor(obs, dtype=torch.float32))
+        self.graph(key=self.agent.architecture())
+        return self.action.cpu().numpy()
 
 
 def env_step(env: gym.Env, buffer: ReplayBuffer, obs: np.ndarray, action: np.ndarray):
@@ -1035,7 +1070,7 @@ def train(cfg: Config) -> str:
     print(f"xinet: {cfg.env} on {device}, {agent.num_params():,} parameters, run dir {run_dir}", flush=True)
 
     graphs = device.type == "cuda" and cfg.cuda_graphs
-    learner = Learner(agent, buffer, cfg.batch_size, graphs)
+    learner, explore = Learner(agent, buffer, cfg.batch_size, graphs), Explorer(agent, graphs)
 
     obs, _ = env.reset(seed=cfg.seed)
     episode_return, train_returns, last_eval = 0.0, [], float("nan")
@@ -1045,7 +1080,7 @@ def train(cfg: Config) -> str:
         if step <= cfg.learning_starts:
             action = env.action_space.sample()
         else:
-            action = agent.act(obs, deterministic=False)
+            action = explore(obs)
         obs, reward, done = env_step(env, buffer, obs, action)
         episode_return += reward
         if done:
@@ -1074,7 +1109,7 @@ def train(cfg: Config) -> str:
                    "flops_per_action": agent.flops_per_action(), "theta_one": ones,
                    "theta_inside": inside, "alpha": agent.log_alpha.exp().item(),
                    **{f"alive_{k}": v for k, v in agent.alive_units().items()},
-                   "steps_per_sec": train_rate, "time": elapsed}
+                   "steps_per_sec": train_rate, "time": elapsed, "max_rss_mb": max_rss_mb()}
             train_returns = []
             log.write(row)
             save_agent(agent, os.path.join(run_dir, "agent.pt"))
