@@ -209,7 +209,7 @@ class GatedLinear(nn.Module):
         self.activation = activation
         self.theta = nn.Parameter(torch.ones(out_features)) if gated else None
         self.estimator, self.min_units = estimator, min_units
-        self.xi: Optional[torch.Tensor] = None    # (B, out) gates of the last training pass
+        self.xi: Optional[torch.Tensor] = None    # (B, out) bool gates of the last training pass
         self.flip: Optional[torch.Tensor] = None  # (B, out) bool: gates to flip in a replay pass
         self._batch_stats = None                  # BN mean/var of the last training pass
 
@@ -231,8 +231,8 @@ class GatedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, in) -> (B, out)
         if self.out_features == 0:  # a layer pruned away entirely (possible in a DenseNet)
-            self.xi = x.new_zeros(x.shape[0], 0)
-            return self.xi
+            self.xi = x.new_zeros(x.shape[0], 0, dtype=torch.bool)
+            return x.new_zeros(x.shape[0], 0)
         h = self.linear(x)
         if self.bn is not None:
             h = self._normalize(h)
@@ -243,8 +243,8 @@ class GatedLinear(nn.Module):
         if not self.training:
             return h * self.theta
         if self.flip is not None:
-            return h * torch.where(self.flip, 1.0 - self.xi, self.xi)
-        self.xi = (torch.rand_like(h) < self.theta.detach()).to(h.dtype)
+            return h * (self.xi ^ self.flip)
+        self.xi = torch.rand_like(h) < self.theta.detach()  # (B, out) bool
         if self.estimator == "pathwise":
             return h * (self.xi + self.theta - self.theta.detach())
         return h * self.xi
@@ -593,6 +593,7 @@ class Agent(nn.Module):
         self.loss_scale: dict[str, torch.Tensor] = {}  # s_N of Eq. 3, per network
         self.param_count = ExpectedParams(self.wiring(targets=False))  # P(theta), Eq. 4
         self.dense_params = self.expected_params().item()  # P(1): every theta starts at 1
+        self.eval()  # mean gates and BN running statistics, except in a network's training pass
 
     # --- structure -----------------------------------------------------------------------------
     def networks(self) -> dict[str, nn.Module]:
@@ -600,8 +601,11 @@ class Agent(nn.Module):
         return {k: v for k, v in nets.items() if v is not None}
 
     def gated(self) -> list[GatedLinear]:
-        """The online layers that carry gates (target critics excluded)."""
-        return [layer for net in self.networks().values() for layer in gated_layers(net)]
+        """The online layers that carry gates (target critics excluded). Pruning shrinks
+        layers in place and never removes one, so the list is built once."""
+        if not hasattr(self, "_gated"):
+            self._gated = [layer for net in self.networks().values() for layer in gated_layers(net)]
+        return self._gated
 
     def thetas(self) -> list[nn.Parameter]:
         return [layer.theta for layer in self.gated()]
@@ -695,13 +699,14 @@ class Agent(nn.Module):
     @torch.no_grad()
     def act(self, obs: np.ndarray, deterministic: bool = True) -> np.ndarray:
         """Action for one observation (d_o,) or a batch (N, d_o); mean gates, BN running stats."""
+        self.eval()
         x = torch.as_tensor(obs, dtype=torch.float32, device=self.log_alpha.device)
         return self.policy(x, deterministic).cpu().numpy()
 
     @torch.no_grad()
     def policy(self, obs: torch.Tensor, deterministic: bool = True) -> torch.Tensor:
-        """act() on a tensor (..., d_o) -> (..., d_a), on the agent's device."""
-        self.eval()
+        """act() on a tensor (..., d_o) -> (..., d_a), on the agent's device. The agent is in
+        eval mode (mean gates) except inside a network's training pass; act() makes sure."""
         action, _ = self.actor(self.state_features(obs.reshape(-1, self.obs_dim)), deterministic=deterministic)
         return action.reshape(*obs.shape[:-1], self.act_dim)
 
@@ -767,7 +772,9 @@ def train_network(agent: Agent, key: str, net: nn.Module, optimizer: torch.optim
     optimizer.step()
     for layer in layers:  # a layer pruned to width 0 has no gradient
         grad = flip_grads.get(layer) if flip else layer.theta.grad
-        layer.theta.grad = (torch.zeros_like(layer.theta) if grad is None else grad) / s
+        layer.theta.grad = torch.zeros_like(layer.theta) if grad is None else grad
+    if layers:
+        torch._foreach_div_([layer.theta.grad for layer in layers], s)
     net.eval()
     return loss.detach()
 
@@ -798,8 +805,10 @@ def gate_step(agent: Agent, strength: float | torch.Tensor) -> None:
     thetas = [layer.theta for layer in layers]
     cost = torch.autograd.grad(agent.expected_params() / agent.dense_params, thetas)
     before = [t.detach().clone() for t in thetas]
-    for t, c in zip(thetas, cost):
-        t.grad = strength * c if t.grad is None else t.grad + strength * c
+    for t in thetas:
+        if t.grad is None:
+            t.grad = torch.zeros_like(t)
+    torch._foreach_add_([t.grad for t in thetas], torch._foreach_mul(cost, strength))
     agent.gate_opt.step()
     agent.gate_opt.zero_grad(set_to_none=True)
     project_gates_(layers, before)
