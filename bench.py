@@ -47,28 +47,23 @@ def linear_flops(layers, rows: int, weight_grad: bool = False, input_grad: bool 
 
 
 def update_flops(agent: xinet.Agent, batch: int, gates_on: bool) -> int:
-    """Matrix-multiply FLOPs of one `xinet.update` (element-wise work not counted)."""
+    """Matrix-multiply FLOPs of one `xinet.update`, pass by pass (element-wise work not counted)."""
     B, ofe = batch, agent.ofenet
-    actor, critics = list(agent.actor.net), [list(q) for q in agent.critic.qs]
-    critic = lambda **kw: sum(linear_flops(q, B, **kw) for q in critics)
-    flip = gates_on and agent.cfg.estimator == "flip"
-    total = 0
-    if ofe is not None:
-        S, SA, head = list(ofe.state_block), list(ofe.sa_block), [ofe.head]
-        train = dict(weight_grad=True, input_grad=True)
-        total += linear_flops(S, B, first_input_grad=False, **train) + linear_flops(SA + head, B, **train)
-        total += flip * linear_flops(S + SA + head, B)                      # flip: one replay forward
-        total += linear_flops(S, 2 * B) + linear_flops(SA, 2 * B)           # targets: [o; o'] and both z_oa
-        sa_actor = linear_flops(SA, B, input_grad=True)                     # z_oa(a) for the actor loss
-    else:
-        sa_actor = 0
-    total += linear_flops(actor, B) + critic()                              # target: pi(o'), Q_targ
-    total += critic(weight_grad=True, input_grad=True, first_input_grad=False) + flip * critic()
-    actor_pass = linear_flops(actor, B, weight_grad=True, input_grad=True, first_input_grad=False)
-    total += actor_pass + sa_actor + critic(input_grad=True)
-    if flip:
-        total += linear_flops(actor, B) + (linear_flops(SA, B) if ofe is not None else 0) + critic()
-    return total
+    flip = gates_on and agent.cfg.estimator == "flip"  # one more forward of each trained network
+    actor = list(agent.actor.net)
+    critics = lambda **kw: sum(linear_flops(list(q), B, **kw) for q in agent.critic.qs)
+    grads = dict(weight_grad=True, input_grad=True)
+    S, SA, head = (list(ofe.state_block), list(ofe.sa_block), [ofe.head]) if ofe else ([], [], [])
+
+    ofenet = linear_flops(S, B, first_input_grad=False, **grads) + linear_flops(SA + head, B, **grads)
+    ofenet += flip * linear_flops(S + SA + head, B)
+    targets = linear_flops(S, 2 * B) + linear_flops(SA, 2 * B)  # [o; o'] and both (z, a) share passes
+    targets += linear_flops(actor, B) + critics()               # pi(o'), the target critics
+    critic = critics(first_input_grad=False, **grads) + flip * critics()
+    policy = linear_flops(actor, B, first_input_grad=False, **grads)  # pi(o), back to its weights
+    policy += linear_flops(SA, B, input_grad=True) + critics(input_grad=True)  # Q(z_oa(a)), back to a
+    policy += flip * (linear_flops(actor, B) + linear_flops(SA, B) + critics())
+    return ofenet + targets + critic + policy
 
 
 def measured_update_flops(agent: xinet.Agent, batch_tensors, gates_on: bool) -> int:
@@ -91,7 +86,9 @@ def kernels_per_update(agent: xinet.Agent, batch_tensors, gates_on: bool, device
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
-        n = 0
+        def __init__(self):
+            super().__init__()
+            self.n = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             self.n += not func.is_view
@@ -100,6 +97,36 @@ def kernels_per_update(agent: xinet.Agent, batch_tensors, gates_on: bool, device
     with Count() as count:
         xinet.update(agent, batch_tensors, gates_on, 0.0)
     return count.n
+
+
+def matmul_floor(agent: xinet.Agent, batch_tensors, gates_on: bool, device: torch.device) -> float:
+    """Seconds per update of its matrix products alone, at their own shapes: the products of one
+    real update are recorded and replayed on random data. What no overhead-free step can beat."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm):
+                a, b = args[-2:]
+                self.shapes.append((a.shape, b.shape))
+            return func(*args, **(kwargs or {}))
+
+    with Record() as record:
+        xinet.update(agent, batch_tensors, gates_on, 0.0)
+    pairs = [(torch.randn(a, device=device), torch.randn(b, device=device)) for a, b in record.shapes]
+    reps = 20
+    for timed in (False, True):  # a warm-up, then the measurement
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            for a, b in pairs:
+                torch.mm(a, b)
+        sync(device)
+    return (time.perf_counter() - t0) / reps
 
 
 # ----------------------------------------------------------------------------------------------
@@ -185,10 +212,11 @@ def bench_one(name: str, cfg: xinet.Config, device: torch.device, steps: int, wa
     step_time = run(steps, True)
     update_time = run(steps, False)
     kernels = kernels_per_update(agent, buffer.sample(BATCH), gates_on, device)
+    floor = matmul_floor(agent, buffer.sample(BATCH), gates_on, device)
     env.close()
     return {"config": name, "params": agent.num_params(), "steps_per_s": 1 / step_time,
             "update_ms": 1e3 * update_time, "mflop": flops / 1e6, "gflops": flops / update_time / 1e9,
-            "kernels": kernels}
+            "kernels": kernels, "matmul_ms": 1e3 * floor}
 
 
 CONFIGS = [
@@ -230,13 +258,13 @@ def main(argv=None) -> int:
         rows.append(row)
         print(f"  {name:<11} done: {row['steps_per_s']:7.1f} steps/s", flush=True)
     dense = next((r for r in rows if r["config"] == "XiNet 100%"), None)
-    print(f"\n| config | params | train steps/s | vs XiNet 100% | update ms | MFLOP/update | GFLOP/s | "
-          f"of matmul rate | kernels/update |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"\n| config | params | train steps/s | vs XiNet 100% | update ms | its matmuls alone, ms | "
+          f"MFLOP/update | GFLOP/s | of matmul rate | kernels/update |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         speedup = f"{r['steps_per_s'] / dense['steps_per_s']:.2f}x" if dense else "-"
         print(f"| {r['config']} | {r['params']:,} | {r['steps_per_s']:.1f} | {speedup} | {r['update_ms']:.2f} | "
-              f"{r['mflop']:.0f} | {r['gflops']:.1f} | {r['gflops'] / rate:.0%} | {r['kernels']} |")
+              f"{r['matmul_ms']:.2f} | {r['mflop']:.0f} | {r['gflops']:.1f} | {r['gflops'] / rate:.0%} | {r['kernels']} |")
     return 0
 
 

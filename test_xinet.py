@@ -574,6 +574,13 @@ def test_random_pruning_reaches_the_asked_fraction():
     assert agent.widths()["critic"] == [[l.out_features for l in list(q)[:-1]] for q in agent.critic_target.qs]
 
 
+def test_bench_runs_and_prints_its_table(capsys):
+    import bench
+    assert bench.main(["--steps", "3", "--only", "SAC,XiNet 10%"]) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert len(table) == 3 and table[1].startswith("| SAC | 210,184 |") and table[2].startswith("| XiNet 10% |")
+
+
 def test_prune_takes_target_critics_along_with_online_gates():
     agent = small_agent()
     with torch.no_grad():
