@@ -246,7 +246,8 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     steps = args.steps or (2000 if device.type == "cuda" else 300)
     rate = matmul_rate(device)
-    where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {threads} thread{'s' * (threads > 1)}"
     print(f"{where}: float32 matmul {rate:.0f} GFLOP/s; Hopper-v4, batch {BATCH}, {steps} timed steps each")
     rows = []
     only = set(filter(None, args.only.split(",")))
