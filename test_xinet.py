@@ -592,6 +592,27 @@ def test_prune_takes_target_critics_along_with_online_gates():
 
 
 # ---------------------------------------------------------------------------------------------
+# The tutorial
+# ---------------------------------------------------------------------------------------------
+
+def test_tutorial_notebook_runs_in_quick_mode(tmp_path):
+    """Every cell of tutorial.ipynb runs without error (XINET_QUICK=1 shrinks its experiments)."""
+    import nbclient
+    import nbformat
+    nb = nbformat.read(os.path.join(HERE, "tutorial.ipynb"), as_version=4)
+    os.environ["XINET_QUICK"] = "1"
+    try:
+        nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                                resources={"metadata": {"path": HERE}}).execute()
+    finally:
+        del os.environ["XINET_QUICK"]
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert not errors
+    figures = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
+    assert len(figures) >= 7
+
+
+# ---------------------------------------------------------------------------------------------
 # The GPU path: the update recorded as a CUDA graph (skipped where there is no GPU)
 # ---------------------------------------------------------------------------------------------
 

@@ -1058,8 +1058,9 @@ def env_step(env: gym.Env, buffer: ReplayBuffer, obs: np.ndarray, action: np.nda
     return next_obs, float(reward), terminated or truncated
 
 
-def train(cfg: Config) -> str:
-    """Run XiNet (or a baseline) as configured; returns the run directory."""
+def train(cfg: Config, on_eval: Optional[Callable[[int, "Agent"], None]] = None) -> str:
+    """Run XiNet (or a baseline) as configured; returns the run directory. `on_eval(step, agent)`
+    is called after every evaluation (the tutorial records theta with it)."""
     cfg = validate(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -1122,6 +1123,8 @@ def train(cfg: Config) -> str:
             train_returns = []
             log.write(row)
             save_agent(agent, os.path.join(run_dir, "agent.pt"))
+            if on_eval is not None:
+                on_eval(step, agent)
             t_row, steps_at_row = time.perf_counter(), step
         if step % cfg.log_every == 0:
             now = time.perf_counter()
