@@ -576,6 +576,7 @@ class Agent(nn.Module):
         self.actor = Actor(zo_dim, w["actor"], act_low, act_high, "actor" in gated, est)
         self.critic = Critic(zoa_dim, w["critic"], "critic" in gated, est)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
+        self._gated = [layer for net in self.networks().values() for layer in gated_layers(net)]
         self.log_alpha = nn.Parameter(torch.zeros(()))
         self.target_entropy = -float(act_dim)
         self.to(device)
@@ -602,9 +603,7 @@ class Agent(nn.Module):
 
     def gated(self) -> list[GatedLinear]:
         """The online layers that carry gates (target critics excluded). Pruning shrinks
-        layers in place and never removes one, so the list is built once."""
-        if not hasattr(self, "_gated"):
-            self._gated = [layer for net in self.networks().values() for layer in gated_layers(net)]
+        layers in place and never removes one, so the list is built once, in __init__."""
         return self._gated
 
     def thetas(self) -> list[nn.Parameter]:
