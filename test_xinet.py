@@ -2,9 +2,12 @@
 import csv
 import itertools
 import math
+import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -485,6 +488,10 @@ def test_arch_from_builds_small_dense_agent(e2e_runs, tmp_path):
     (["--gate", "ofenet,brain"], "--gate"),
     (["--eval", "xinet.py"], "not a readable"),
     (["--eval", "no/such/agent.pt"], "does not exist"),
+    (["--out", "/proc/x/run"], "/proc/x/run"),
+    (["--prune-strength", "nan"], "--prune-strength"),
+    (["--gate-lr", "inf"], "--gate-lr"),
+    (["--resume", "no/such/run"], "no/such/run"),
 ])
 def test_user_errors_are_one_clear_sentence(args, words):
     res = run_cli(*args)
@@ -504,6 +511,78 @@ def test_mismatched_checkpoint_is_refused(e2e_runs, tmp_path):
     res = run_cli("--env", "Pendulum-v1", "--arch-from", os.path.join(e2e_runs[0], "agent.pt"),
                   "--total-steps", "10")
     assert res.returncode != 0 and "Traceback" not in res.stderr and "other observation" in res.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming a killed run
+# ---------------------------------------------------------------------------------------------
+
+def test_killed_run_resumes_to_its_total_steps(tmp_path):
+    """SIGKILL after the first checkpoint; a row written after the last checkpoint (a kill
+    between the two writes) is dropped; the resumed run ends with every evaluation once."""
+    out = str(tmp_path / "run")
+    args = E2E[:]
+    args[args.index("--total-steps") + 1] = "2400"
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "xinet.py"), *args, "--out", out],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=HERE)
+    while not os.path.exists(os.path.join(out, "resume.pt")) and proc.poll() is None:
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    step = torch.load(os.path.join(out, "resume.pt"), weights_only=True)["loop"]["step"]
+    assert step < 2400
+    with open(os.path.join(out, "progress.csv"), "a") as f:  # as if killed before the checkpoint
+        f.write(f"{step + 400}" + ",0" * (len(read_progress(out)[0]) - 1) + "\n")
+    res = run_cli("--resume", out)
+    assert res.returncode == 0, res.stderr
+    assert f"resumed at step {step:,}" in res.stdout
+    assert [int(r["step"]) for r in read_progress(out)] == list(range(400, 2401, 400))
+    res = run_cli("--eval", os.path.join(out, "agent.pt"), "--eval-episodes", "1")
+    assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.parametrize("estimator", ["flip", "pathwise"])
+def test_resumed_update_equals_uninterrupted_update(tmp_path, estimator):
+    """The checkpoint loses nothing: after loading it, the next update (minibatch draw, gates,
+    policy noise, Adam moments, loss scales, BN statistics) gives bit-identical parameters."""
+    torch.manual_seed(0)
+    cfg = small_config(estimator=estimator, buffer_size=500)
+    agent, buffer, env = Agent(cfg, OBS, -np.ones(ACT), np.ones(ACT)), random_buffer(400), xinet.make_env("Hopper-v4")
+    set_binary_gates(agent, 0.7, seed=1)
+    agent.prune()
+    for _ in range(5):
+        xinet.update(agent, buffer.sample(64), gates_on=True, strength=0.5)
+    path = str(tmp_path / "resume.pt")
+    xinet.save_resume(path, agent, buffer, env, {"step": 5})
+    xinet.update(agent, buffer.sample(64), gates_on=True, strength=0.5)
+    action = env.action_space.sample()
+
+    again, buffer2, loop = xinet.load_resume(path, env, torch.device("cpu"))
+    xinet.update(again, buffer2.sample(64), gates_on=True, strength=0.5)
+    assert loop == {"step": 5} and again.widths() == agent.widths()
+    assert buffer2.size == buffer.size and torch.equal(buffer2.data[:400], buffer.data[:400])
+    assert np.array_equal(env.action_space.sample(), action)
+    for (name, a), b in zip(agent.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert any(0 < t < 1 for theta in again.thetas() for t in theta)  # theta did move
+
+
+def test_cut_short_or_foreign_resume_file_is_refused(e2e_runs, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(e2e_runs[0], run)
+    res = run_cli("--resume", str(run))
+    assert res.returncode != 0 and "Traceback" not in res.stderr and "--total-steps" in res.stderr
+    res = run_cli("--resume", str(run), "--env", "Walker2d-v4")
+    assert res.returncode != 0 and "Traceback" not in res.stderr and "contradicts" in res.stderr
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps(dict(config, seed=4)))  # resume.pt of another run
+    res = run_cli("--resume", str(run), "--total-steps", "1600")
+    assert res.returncode != 0 and "Traceback" not in res.stderr and "another run" in res.stderr
+    (run / "config.json").write_text(json.dumps(config))
+    data = (run / "resume.pt").read_bytes()
+    (run / "resume.pt").write_bytes(data[:len(data) // 2])
+    res = run_cli("--resume", str(run), "--total-steps", "1600")
+    assert res.returncode != 0 and "Traceback" not in res.stderr and "cut short" in res.stderr
 
 
 def test_readme_example_prunes_a_plain_mlp():

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import copy
 import csv
 import dataclasses
@@ -64,7 +65,9 @@ class Config:
     tau: float = 0.005
     """Polyak averaging rate of the target critics"""
     lr: float = 3e-4
-    """Adam learning rate of actor, critics, temperature and OFENet weights"""
+    """Adam learning rate of the actor and OFENet weights"""
+    critic_lr: float = 3e-4
+    """Adam learning rate of the twin critics and the temperature"""
     hidden: int = 256
     """units in each of the two hidden layers of the actor and of each critic"""
     ofenet: bool = True
@@ -107,11 +110,14 @@ class Config:
     """run directory (default runs/<env>__<seed>__<timestamp>)"""
     arch_from: str = ""
     """build the architecture of this checkpoint with fresh weights and no gates"""
+    keep_resume: bool = True
+    """keep RUN_DIR/resume.pt (buffer, optimizers, RNGs) at the end, so --resume can extend the run"""
 
 
 CHOICES = {"estimator": ("pathwise", "flip"), "device": ("auto", "cpu", "cuda")}
 DEFAULT_STRENGTH = {"pathwise": 1.0, "flip": 0.1}
 NETWORKS = ("ofenet", "actor", "critic")
+RESUMABLE = ("total_steps", "threads", "device", "cuda_graphs", "log_every", "keep_resume")  # may change on --resume
 
 
 def ofenet_size(env_id: str) -> tuple[int, int]:
@@ -123,8 +129,20 @@ class UserError(Exception):
     """A mistake in the command line, environment or checkpoint: reported in one sentence."""
 
 
+@contextlib.contextmanager
+def user_path(path: str, verb: str = "write"):
+    """Reports an OSError on `path` (no such folder, no permission, disk full) as a UserError."""
+    try:
+        yield path
+    except OSError as e:
+        raise UserError(f"cannot {verb} {path} ({e.strerror or e}).") from None
+
+
 def validate(cfg: Config) -> Config:
     """Check the values a user can get wrong and fill in the estimator's default strength."""
+    for f in dataclasses.fields(cfg):
+        if f.type in ("float", float) and not math.isfinite(getattr(cfg, f.name)):
+            raise UserError(f"--{f.name.replace('_', '-')} must be a finite number, got {getattr(cfg, f.name)}.")
     for name in ("total_steps", "batch_size", "buffer_size", "eval_every", "eval_episodes",
                  "prune_every", "hidden", "log_every"):
         if getattr(cfg, name) <= 0:
@@ -133,7 +151,7 @@ def validate(cfg: Config) -> Config:
                  "ofe_units", "threads"):
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(cfg, name)}.")
-    for name in ("lr", "gate_lr"):
+    for name in ("lr", "critic_lr", "gate_lr"):
         if not getattr(cfg, name) > 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}.")
     if not (0 < cfg.discount <= 1 and 0 < cfg.tau <= 1 and 0 <= cfg.loss_ema < 1):
@@ -588,8 +606,8 @@ class Agent(nn.Module):
 
         self.ofenet_opt = adam(weights(self.ofenet), cfg.lr) if self.ofenet else None
         self.actor_opt = adam(weights(self.actor), cfg.lr)
-        self.critic_opt = adam(weights(self.critic), cfg.lr)
-        self.alpha_opt = adam([self.log_alpha], cfg.lr)
+        self.critic_opt = adam(weights(self.critic), cfg.critic_lr)
+        self.alpha_opt = adam([self.log_alpha], cfg.critic_lr)
         self.gate_opt = adam(self.thetas(), cfg.gate_lr)
         self.loss_scale: dict[str, torch.Tensor] = {}  # s_N of Eq. 3, per network
         self.param_count = ExpectedParams(self.wiring(targets=False))  # P(theta), Eq. 4
@@ -605,6 +623,11 @@ class Agent(nn.Module):
         """The online layers that carry gates (target critics excluded). Pruning shrinks
         layers in place and never removes one, so the list is built once, in __init__."""
         return self._gated
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        opts = {"ofenet": self.ofenet_opt, "actor": self.actor_opt, "critic": self.critic_opt,
+                "alpha": self.alpha_opt, "gates": self.gate_opt}
+        return {k: opt for k, opt in opts.items() if opt is not None}
 
     def thetas(self) -> list[nn.Parameter]:
         return [layer.theta for layer in self.gated()]
@@ -728,9 +751,8 @@ class Agent(nn.Module):
         and the optimizers' state (Section 4); returns the number of units removed."""
         width = lambda: sum(layer.out_features for layer in self.gated())
         before = width()
-        optimizers = [o for o in (self.ofenet_opt, self.actor_opt, self.critic_opt, self.gate_opt) if o]
         self.copy_gates_to_targets()
-        prune_units(self.wiring(targets=True), optimizers)
+        prune_units(self.wiring(targets=True), self.optimizers().values())
         return before - width()
 
 
@@ -870,36 +892,43 @@ def update(agent: Agent, batch, gates_on: bool = False,
 # Checkpoints
 # ----------------------------------------------------------------------------------------------
 
-FORMAT = "xinet-agent-1"
+FORMAT, RESUME_FORMAT = "xinet-agent-1", "xinet-resume-1"
+
+
+def write_atomically(payload: dict, path: str) -> None:
+    """torch.save to a temporary file, then rename it: a run killed at any moment leaves the old
+    file or the new one, never half of one."""
+    with user_path(path):
+        torch.save(payload, f"{path}.tmp")
+        os.replace(f"{path}.tmp", path)
+
+
+def agent_payload(agent: Agent) -> dict:
+    """The deployable agent: config, (compacted) architecture, weights, theta, BN statistics."""
+    return {"format": FORMAT, "config": dataclasses.asdict(agent.cfg), "obs_dim": agent.obs_dim,
+            "act_low": agent.actor.bias.cpu() - agent.actor.scale.cpu(),
+            "act_high": agent.actor.bias.cpu() + agent.actor.scale.cpu(),
+            "widths": agent.widths(), "state": agent.state_dict(), "dense_params": agent.dense_params,
+            "loss_scale": {k: v.cpu() for k, v in agent.loss_scale.items()}}
 
 
 def save_agent(agent: Agent, path: str) -> None:
-    """Write the (compacted) agent atomically: a run killed at any moment leaves a loadable file."""
-    payload = {"format": FORMAT, "config": dataclasses.asdict(agent.cfg), "obs_dim": agent.obs_dim,
-               "act_low": agent.actor.bias.cpu() - agent.actor.scale.cpu(),
-               "act_high": agent.actor.bias.cpu() + agent.actor.scale.cpu(),
-               "widths": agent.widths(), "state": agent.state_dict(), "dense_params": agent.dense_params,
-               "loss_scale": {k: v.cpu() for k, v in agent.loss_scale.items()}}
-    tmp = f"{path}.tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    write_atomically(agent_payload(agent), path)
 
 
-def read_checkpoint(path: str) -> dict:
+def read_checkpoint(path: str, fmt: str = FORMAT) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"checkpoint {path} does not exist.") from None
     except Exception:
-        raise UserError(f"{path} is not a readable xinet checkpoint.") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise UserError(f"{path} is not an xinet checkpoint (format {FORMAT}).")
+        raise UserError(f"{path} is not a readable xinet checkpoint (cut short or another kind of file).") from None
+    if not isinstance(payload, dict) or payload.get("format") != fmt:
+        raise UserError(f"{path} is not an xinet checkpoint (format {fmt}).")
     return payload
 
 
-def load_agent(path: str, device: torch.device | str = "cpu") -> Agent:
-    """Rebuild a saved agent, pruned architecture included, in a fresh process."""
-    payload = read_checkpoint(path)
+def agent_from_payload(payload: dict, path: str, device: torch.device | str = "cpu") -> Agent:
     known = {f.name for f in dataclasses.fields(Config)}
     cfg = Config(**{k: v for k, v in payload["config"].items() if k in known})
     agent = Agent(cfg, payload["obs_dim"], payload["act_low"].numpy(), payload["act_high"].numpy(),
@@ -911,6 +940,57 @@ def load_agent(path: str, device: torch.device | str = "cpu") -> Agent:
     agent.loss_scale = {k: v.to(device) for k, v in payload.get("loss_scale", {}).items()}
     agent.dense_params = payload.get("dense_params", agent.dense_params)  # P(1) of the unpruned agent
     return agent
+
+
+def load_agent(path: str, device: torch.device | str = "cpu") -> Agent:
+    """Rebuild a saved agent, pruned architecture included, in a fresh process."""
+    return agent_from_payload(read_checkpoint(path), path, device)
+
+
+def rng_states(env: gym.Env) -> dict:
+    """Every random number generator a run draws from: torch (CPU, CUDA), numpy, the env's own
+    (reset noise) and its action space's (the random warm-up actions)."""
+    _, key, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss],
+            "env": env.unwrapped.np_random.bit_generator.state,
+            "action_space": env.action_space.np_random.bit_generator.state}
+
+
+def set_rng_states(env: gym.Env, states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    key, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state(("MT19937", key.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    env.unwrapped.np_random.bit_generator.state = states["env"]
+    env.action_space.np_random.bit_generator.state = states["action_space"]
+
+
+def save_resume(path: str, agent: Agent, buffer: ReplayBuffer, env: gym.Env, loop: dict) -> None:
+    """Everything a killed run needs to go on as if it had not stopped: the agent, every
+    optimizer's moments, the replay buffer's filled rows and position, the loop's counters and
+    every RNG. The environment itself starts a new episode on resume."""
+    write_atomically({"format": RESUME_FORMAT, "agent": agent_payload(agent),
+                      "optimizers": {k: opt.state_dict() for k, opt in agent.optimizers().items()},
+                      "buffer": {"rows": buffer.data[:buffer.size].to("cpu", copy=True), "pos": buffer.pos},
+                      "loop": loop, "rng": rng_states(env)}, path)
+
+
+def load_resume(path: str, env: gym.Env, device: torch.device) -> tuple[Agent, ReplayBuffer, dict]:
+    """The inverse of save_resume: (agent, buffer, loop counters), and the RNGs set as saved."""
+    payload = read_checkpoint(path, RESUME_FORMAT)
+    agent = agent_from_payload(payload["agent"], path, device)
+    for k, opt in agent.optimizers().items():
+        opt.load_state_dict(payload["optimizers"][k])
+    rows = payload["buffer"]["rows"]
+    buffer = ReplayBuffer(agent.obs_dim, agent.act_dim, agent.cfg.buffer_size, device)
+    buffer.data[:len(rows)] = rows.to(device)
+    buffer.pos, buffer.size = payload["buffer"]["pos"], len(rows)
+    buffer.count.fill_(buffer.size)
+    set_rng_states(env, payload["rng"])
+    return agent, buffer, payload["loop"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1057,35 +1137,52 @@ def env_step(env: gym.Env, buffer: ReplayBuffer, obs: np.ndarray, action: np.nda
     return next_obs, float(reward), terminated or truncated
 
 
-def train(cfg: Config, on_eval: Optional[Callable[[int, "Agent"], None]] = None) -> str:
+def train(cfg: Config, on_eval: Optional[Callable[[int, "Agent"], None]] = None, resume: bool = False) -> str:
     """Run XiNet (or a baseline) as configured; returns the run directory. `on_eval(step, agent)`
-    is called after every evaluation (the tutorial records theta with it)."""
+    is called after every evaluation (the tutorial records theta with it). With `resume`, the
+    run in `cfg.out` goes on from its last checkpoint (see `resume_config`)."""
     cfg = validate(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
-    run_dir = cfg.out or os.path.join("runs", f"{cfg.env}__{cfg.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+    cfg.out = run_dir = cfg.out or os.path.join("runs", f"{cfg.env}__{cfg.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+    resume_path = os.path.join(run_dir, "resume.pt")
     env, eval_env = make_env(cfg.env), make_env(cfg.env)
-    os.makedirs(run_dir, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    env.action_space.seed(cfg.seed)
-    agent = build_agent(cfg, env, device)
-    with open(os.path.join(run_dir, "config.json"), "w") as f:
+    if resume:  # the interrupted episode is dropped: the environment starts a new one
+        agent, buffer, loop = load_resume(resume_path, env, device)
+        fixed = lambda c: {k: v for k, v in dataclasses.asdict(c).items() if k not in (*RESUMABLE, "out")}
+        if fixed(agent.cfg) != fixed(cfg):
+            raise UserError(f"{resume_path} belongs to another run than {run_dir}/config.json.")
+        if loop["step"] >= cfg.total_steps:
+            raise UserError(f"the run in {run_dir} has reached its {loop['step']:,} steps; "
+                            "a larger --total-steps extends it.")
+        agent.cfg = cfg
+        obs, _ = env.reset()
+    else:
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        env.action_space.seed(cfg.seed)
+        agent = build_agent(cfg, env, device)
+        buffer = ReplayBuffer(agent.obs_dim, agent.act_dim, cfg.buffer_size, device)
+        loop = {"step": 0, "pruned": 0, "train_returns": [], "last_eval": float("nan"), "time": 0.0}
+        obs, _ = env.reset(seed=cfg.seed)
+    with user_path(run_dir, "create"):
+        os.makedirs(run_dir, exist_ok=True)
+    with user_path(os.path.join(run_dir, "config.json")) as path, open(path, "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=2)
-    buffer = ReplayBuffer(agent.obs_dim, agent.act_dim, cfg.buffer_size, device)
     gate_start = max(cfg.prune_start, cfg.learning_starts)
-    log = ProgressLog(os.path.join(run_dir, "progress.csv"))
-    print(f"xinet: {cfg.env} on {device}, {agent.num_params():,} parameters, run dir {run_dir}", flush=True)
+    log = ProgressLog(os.path.join(run_dir, "progress.csv"), after=loop["step"] if resume else None)
+    print(f"xinet: {cfg.env} on {device}, {agent.num_params():,} parameters, run dir {run_dir}"
+          + (f", resumed at step {loop['step']:,}" if resume else ""), flush=True)
 
     graphs = device.type == "cuda" and cfg.cuda_graphs
     learner, explore = Learner(agent, buffer, cfg.batch_size, graphs), Explorer(agent, graphs)
 
-    obs, _ = env.reset(seed=cfg.seed)
-    episode_return, train_returns, last_eval = 0.0, [], float("nan")
-    t_start = t_line = t_row = time.perf_counter()
-    steps_at_line, steps_at_row, pruned_total = 0, 0, 0
-    for step in range(1, cfg.total_steps + 1):
+    episode_return, train_returns, last_eval = 0.0, loop["train_returns"], loop["last_eval"]
+    t_start = time.perf_counter() - loop["time"]  # the run's clock goes on across resumes
+    t_line = t_row = time.perf_counter()
+    steps_at_line = steps_at_row = loop["step"]
+    for step in range(loop["step"] + 1, cfg.total_steps + 1):
         if step <= cfg.learning_starts:
             action = env.action_space.sample()
         else:
@@ -1103,7 +1200,7 @@ def train(cfg: Config, on_eval: Optional[Callable[[int, "Agent"], None]] = None)
             gates_on = cfg.gates and step > gate_start and bool(agent.thetas())
             learner(gates_on, cfg.prune_strength * min(1.0, (step - gate_start) / max(cfg.prune_ramp, 1)))
             if gates_on and (step - gate_start) % cfg.prune_every == 0:
-                pruned_total += agent.prune()
+                loop["pruned"] += agent.prune()
 
         if step % cfg.eval_every == 0 or step == cfg.total_steps:
             train_rate = (step - steps_at_row) / (time.perf_counter() - t_row)  # evaluation excluded
@@ -1119,9 +1216,11 @@ def train(cfg: Config, on_eval: Optional[Callable[[int, "Agent"], None]] = None)
                    "theta_inside": inside, "alpha": agent.log_alpha.exp().item(),
                    **{f"alive_{k}": v for k, v in agent.alive_units().items()},
                    "steps_per_sec": train_rate, "time": elapsed, "max_rss_mb": max_rss_mb()}
-            train_returns = []
+            train_returns.clear()
             log.write(row)
             save_agent(agent, os.path.join(run_dir, "agent.pt"))
+            loop.update(step=step, last_eval=last_eval, time=elapsed)
+            save_resume(resume_path, agent, buffer, env, loop)
             if on_eval is not None:
                 on_eval(step, agent)
             t_row, steps_at_row = time.perf_counter(), step
@@ -1132,9 +1231,11 @@ def train(cfg: Config, on_eval: Optional[Callable[[int, "Agent"], None]] = None)
             eta = (cfg.total_steps - step) / max(rate, 1e-9)
             print(f"step {step:>8,}  {rate:6.1f} steps/s  eta {eta / 60:6.1f} min  "
                   f"eval {last_eval:8.1f}  units {sum(agent.alive_units().values()):5d}  "
-                  f"params {agent.num_params():>9,}  pruned {pruned_total}", flush=True)
+                  f"params {agent.num_params():>9,}  pruned {loop['pruned']}", flush=True)
     env.close()
     eval_env.close()
+    if not cfg.keep_resume:
+        os.remove(resume_path)
     return run_dir
 
 
@@ -1157,20 +1258,30 @@ def pretrain_ofenet(agent: Agent, buffer: ReplayBuffer, cfg: Config, graphs: boo
 
 
 class ProgressLog:
-    """progress.csv: one row per evaluation, the header fixed by the first row."""
+    """progress.csv: one row per evaluation, the header fixed by the first row. Resuming from
+    the checkpoint of step `after` keeps the rows up to it and drops any written after it."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, after: Optional[int] = None):
         self.path, self.fields = path, None
+        if after is not None:
+            with user_path(path, "read"), open(path, newline="") as f:
+                reader = csv.DictReader(f)
+                rows = [row for row in reader if int(row["step"]) <= after]
+            self.fields = reader.fieldnames
+            self._write(rows, "w")
 
     def write(self, row: dict) -> None:
         new = self.fields is None
         if new:
             self.fields = list(row)
-        with open(self.path, "w" if new else "a", newline="") as f:
+        self._write([row], "w" if new else "a")
+
+    def _write(self, rows: list[dict], mode: str) -> None:
+        with user_path(self.path), open(self.path, mode, newline="") as f:
             w = csv.DictWriter(f, fieldnames=self.fields)
-            if new:
+            if mode == "w":
                 w.writeheader()
-            w.writerow(row)
+            w.writerows(rows)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1185,22 +1296,50 @@ def field_docs(cls) -> dict[str, str]:
             and isinstance(getattr(b, "value", None), ast.Constant)}
 
 
-def parse_args(argv=None) -> tuple[Config, Optional[str]]:
+def parse_args(argv=None) -> tuple[Config, set[str], argparse.Namespace]:
+    """(config, the fields given on the command line, the other options: --eval, --resume)."""
     parser = argparse.ArgumentParser(prog="xinet.py", description=__doc__.split("\n\n")[0])
     docs = field_docs(Config)
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
+    for f in dataclasses.fields(Config):  # default None: a flag not given is told from one given
+        flag, help = "--" + f.name.replace("_", "-"), f"{docs[f.name]} (default: {f.default})"
         if f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=docs[f.name])
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
         else:
             kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            parser.add_argument(flag, type=kind, default=f.default, choices=CHOICES.get(f.name),
-                                help=f"{docs[f.name]} (default: {f.default})")
+            parser.add_argument(flag, type=kind, choices=CHOICES.get(f.name), help=help)
     parser.add_argument("--eval", metavar="CKPT", default=None,
                         help="load a saved agent, evaluate it and print its return and size")
+    parser.add_argument("--resume", metavar="RUN_DIR", default=None,
+                        help=f"continue the run in RUN_DIR from its last checkpoint; only {', '.join(RESUMABLE)} may change")
     args = vars(parser.parse_args(argv))
-    ckpt = args.pop("eval")
-    return Config(**args), ckpt
+    other = argparse.Namespace(eval=args.pop("eval"), resume=args.pop("resume"))
+    given = {k: v for k, v in args.items() if v is not None}
+    return Config(**given), set(given), other
+
+
+def resume_config(run_dir: str, cli: Config, given: set[str]) -> Config:
+    """The config in force of the run in `run_dir`, with the flags that may change on a resume
+    (RESUMABLE) taken from the command line; any other flag that contradicts it is refused."""
+    path = os.path.join(run_dir, "config.json")
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        cfg = Config(**saved)
+    except OSError as e:
+        raise UserError(f"cannot resume {run_dir}: cannot read {path} ({e.strerror}).") from None
+    except (ValueError, TypeError):
+        raise UserError(f"cannot resume {run_dir}: {path} is not an xinet run config.") from None
+    if "out" in given and os.path.abspath(cli.out) != os.path.abspath(run_dir):
+        raise UserError(f"--resume goes on in {run_dir}; --out {cli.out} contradicts it.")
+    for name in sorted(given - {"out"}):
+        if name in RESUMABLE:
+            setattr(cfg, name, getattr(cli, name))
+        elif getattr(cli, name) != saved[name]:
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{flag} {getattr(cli, name)} contradicts the run in {run_dir} ({saved[name]}); "
+                            f"a resumed run may change only {', '.join('--' + n.replace('_', '-') for n in RESUMABLE)}.")
+    cfg.out = run_dir
+    return cfg
 
 
 def evaluate_checkpoint(cfg: Config, path: str) -> None:
@@ -1216,18 +1355,21 @@ def evaluate_checkpoint(cfg: Config, path: str) -> None:
 
 
 def main(argv=None) -> int:
-    cfg, ckpt = parse_args(argv)
+    cfg, given, other = parse_args(argv)
     try:
-        if ckpt:
+        if other.eval:
             validate(cfg)
-            evaluate_checkpoint(cfg, ckpt)
+            evaluate_checkpoint(cfg, other.eval)
         else:
-            train(cfg)
+            if other.resume:
+                cfg = resume_config(other.resume, cfg, given)
+            train(cfg, resume=bool(other.resume))
     except UserError as e:
         print(f"xinet: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("xinet: interrupted; the last agent.pt is intact.", file=sys.stderr)
+        print(f"xinet: interrupted; `python xinet.py --resume {cfg.out or 'RUN_DIR'}` goes on from the last checkpoint.",
+              file=sys.stderr)
         return 130
     return 0
 
