@@ -729,3 +729,30 @@ def test_cuda_training_run_prunes_and_reloads(tmp_path):
     dense = Agent(small_config(ofe_layers=2, ofe_units=8, hidden=32), OBS, -np.ones(ACT), np.ones(ACT))
     assert agent.num_params() == int(rows[-1]["params"]) < dense.num_params()
     assert all(math.isfinite(float(r["eval_return"])) for r in rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# sweep.py
+# ---------------------------------------------------------------------------------------------
+
+def test_sweep_runs_skips_finished_and_aggregates(tmp_path, monkeypatch, capsys):
+    import sweep
+    tiny = ("--no-gates --ofe-layers 1 --ofe-units 4 --hidden 16 --learning-starts 200 --pretrain-steps 20 "
+            "--eval-every 200 --eval-episodes 1 --batch-size 32 --log-every 200")
+    monkeypatch.setitem(sweep.GRIDS, "tiny", sweep.Grid({"a": tiny, "b": tiny + " --no-ofenet"}, seeds=(1, 2),
+                                                        steps=600))
+    runs, results = str(tmp_path / "runs"), str(tmp_path / "results")
+    assert sweep.main(["run", "tiny", "--runs", runs, "--results", results]) == 0
+    assert sweep.command(runs, "tiny", "a", 1) == []  # finished: nothing left to run
+    with open(os.path.join(results, "tiny_summary.csv")) as f:
+        summary = list(csv.DictReader(f))
+    assert [(r["config"], r["seed"]) for r in summary] == [("a", "1"), ("a", "2"), ("a", "mean of 2"),
+                                                           ("b", "1"), ("b", "2"), ("b", "mean of 2")]
+    for cfg in "ab":
+        per_seed = [float(r["eval_return"]) for r in summary if r["config"] == cfg][:2]
+        mean = next(r for r in summary if r["config"] == cfg and r["seed"].startswith("mean"))
+        assert float(mean["eval_return"]) == pytest.approx(np.mean(per_seed))
+        assert float(mean["eval_return_lo"]) <= float(mean["eval_return"]) <= float(mean["eval_return_hi"])
+    assert os.path.getsize(os.path.join(results, "tiny.png")) > 10_000
+    assert "| a | mean of 2 |" in capsys.readouterr().out  # the printed table
+    assert sweep.main(["commands", "tiny", "--runs", runs]) == 0 and capsys.readouterr().out == ""

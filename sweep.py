@@ -1,0 +1,216 @@
+"""Grids of xinet runs (configurations x seeds): run them, resume them, aggregate them.
+
+    python sweep.py run sac_parity --jobs 2     # every run not yet finished, two at a time
+    python sweep.py commands sac_parity         # one command per run: GNU parallel, Slurm arrays
+    python sweep.py report sac_parity           # results/sac_parity.csv, _summary.csv, .png
+
+A run lives in runs/<grid>/<config>/seed<S>. `one` (what `run` and the printed commands call)
+skips a finished run, resumes an interrupted one from its resume.pt and starts a missing one,
+so any of these commands may be killed and started again.
+
+The statistics of record (README, "Results"), per run and then as the mean over seeds with a
+95% bootstrap interval: the training return over the last 10% of the steps (90k-100k of a 100k
+run: the mean of the progress rows in that window) and the final evaluation (10 episodes).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import shlex
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@dataclass
+class Grid:
+    configs: dict[str, str]
+    """configuration name -> xinet.py flags; {runs} and {seed} are filled in (for --arch-from)"""
+    seeds: tuple[int, ...] = (1, 2, 3)
+    env: str = "Hopper-v4"
+    steps: int = 100_000
+    common: str = field(default="")
+    """flags shared by every configuration"""
+
+
+SAC = "--no-ofenet --no-gates"
+GRIDS = {
+    # Plain SAC's settings against the widely used single-file SAC's (5k random steps,
+    # critic and temperature learning rate 1e-3).
+    "sac_parity": Grid({"sac": SAC, "sac_fast": f"{SAC} --learning-starts 5000 --critic-lr 0.001"}),
+}
+
+
+def run_dir(runs: str, grid: str, config: str, seed: int) -> str:
+    return os.path.join(runs, grid, config, f"seed{seed}")
+
+
+def progress(path: str) -> list[dict]:
+    try:
+        with open(os.path.join(path, "progress.csv")) as f:
+            return list(csv.DictReader(f))
+    except FileNotFoundError:
+        return []
+
+
+def command(runs: str, grid: str, config: str, seed: int) -> list[str]:
+    """The xinet.py command that brings this run to its total steps, or [] when it is there."""
+    g, out = GRIDS[grid], run_dir(runs, grid, config, seed)
+    rows = progress(out)
+    if rows and int(rows[-1]["step"]) >= g.steps:
+        return []
+    head = [sys.executable, os.path.join(HERE, "xinet.py")]
+    tail = ["--total-steps", str(g.steps), "--threads", "1"]
+    if os.path.exists(os.path.join(out, "resume.pt")):
+        return head + ["--resume", out] + tail
+    flags = f"--env {g.env} --seed {seed} {g.common} {g.configs[config]}".format(runs=runs, seed=seed)
+    return head + shlex.split(flags) + tail + ["--out", out]
+
+
+def run_one(runs: str, grid: str, config: str, seed: int) -> int:
+    cmd = command(runs, grid, config, seed)
+    if not cmd:
+        return 0
+    out = run_dir(runs, grid, config, seed)
+    os.makedirs(out, exist_ok=True)
+    print(f"{grid}/{config}/seed{seed}: {shlex.join(cmd[1:])}", flush=True)
+    with open(os.path.join(out, "stdout.log"), "a") as log:
+        return subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+
+
+def bootstrap(values, reps: int = 10_000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean over seeds and its 95% percentile-bootstrap interval (resampling the seeds)."""
+    x = np.asarray(values, dtype=float)
+    means = np.random.default_rng(seed).choice(x, (reps, len(x))).mean(1)
+    return float(x.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+SUMMARY = ("train_return", "eval_return", "params", "flops_per_action", "theta_one", "theta_inside")
+
+
+def summarize(rows: list[dict], steps: int) -> dict:
+    """One run's statistics of record (the module docstring), from its progress rows."""
+    last = rows[-1]
+    window = [float(r["train_return"]) for r in rows if int(r["step"]) > 0.9 * steps]
+    return {"train_return": float(np.nanmean(window)), "eval_return": float(last["eval_return"]),
+            **{k: float(last[k]) for k in SUMMARY[2:]}}
+
+
+def report(runs: str, grid: str, results: str) -> None:
+    g = GRIDS[grid]
+    os.makedirs(results, exist_ok=True)
+    curves, summary = [], []
+    for config in g.configs:
+        runs_done = {s: progress(run_dir(runs, grid, config, s)) for s in g.seeds}
+        runs_done = {s: r for s, r in runs_done.items() if r and int(r[-1]["step"]) >= g.steps}
+        for seed, rows in runs_done.items():
+            curves += [{"config": config, "seed": seed, **r} for r in rows]
+            summary.append({"config": config, "seed": seed, **summarize(rows, g.steps)})
+        if runs_done:
+            stats = [s for s in summary if s["config"] == config]
+            row = {"config": config, "seed": f"mean of {len(stats)}"}
+            for k in SUMMARY:
+                row[k], row[f"{k}_lo"], row[f"{k}_hi"] = bootstrap([s[k] for s in stats])
+            summary.append(row)
+    if not summary:
+        sys.exit(f"sweep: no finished run of {grid} under {runs}.")
+    write_csv(os.path.join(results, f"{grid}.csv"), curves)
+    write_csv(os.path.join(results, f"{grid}_summary.csv"), summary)
+    print_table(summary)
+    plot(curves, summary, g, os.path.join(results, f"{grid}.png"))
+
+
+def write_csv(path: str, rows: list[dict]) -> None:
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def print_table(summary: list[dict]) -> None:
+    print("| config | seed | train return (last 10%) | final eval | params | FLOPs/action | θ at 1 | θ in (0,1) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for s in summary:
+        cell = lambda k, f: (f"{s[k]:{f}} [{s[k + '_lo']:{f}}, {s[k + '_hi']:{f}}]" if f"{k}_lo" in s
+                             else f"{s[k]:{f}}")
+        print(f"| {s['config']} | {s['seed']} | {cell('train_return', '.0f')} | {cell('eval_return', '.0f')} | "
+              f"{cell('params', ',.0f')} | {cell('flops_per_action', ',.0f')} | {cell('theta_one', '.0f')} | "
+              f"{cell('theta_inside', '.0f')} |")
+
+
+def plot(curves: list[dict], summary: list[dict], g: Grid, path: str) -> None:
+    """Learning curves (eval and training return) and parameters over time, mean over seeds with
+    a 95% bootstrap band; final return against parameters, with intervals on both."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
+    for k, config in enumerate(g.configs):
+        rows = [r for r in curves if r["config"] == config]
+        if not rows:
+            continue
+        color = f"C{k}"
+        steps = sorted({int(r["step"]) for r in rows})
+        for ax, key in zip(axes[:3], ("eval_return", "train_return", "params")):
+            stats = [bootstrap([float(r[key]) for r in rows if int(r["step"]) == s and r[key] != "nan"] or [np.nan])
+                     for s in steps]
+            mean, lo, hi = np.array(stats).T
+            ax.plot(steps, mean, color=color, label=config)
+            ax.fill_between(steps, lo, hi, color=color, alpha=0.2)
+        agg = next(s for s in summary if s["config"] == config and "params_lo" in s)
+        axes[3].errorbar(agg["params"], agg["train_return"], color=color, fmt="o", label=config,
+                         xerr=[[agg["params"] - agg["params_lo"]], [agg["params_hi"] - agg["params"]]],
+                         yerr=[[agg["train_return"] - agg["train_return_lo"]], [agg["train_return_hi"] - agg["train_return"]]])
+    titles = ("evaluation return", "training return", "parameters", "return (last 10%) vs parameters")
+    for ax, title in zip(axes, titles):
+        ax.set_title(title)
+        ax.set_xlabel("parameters" if ax is axes[3] else "environment steps")
+        ax.grid(alpha=0.3)
+    axes[2].set_yscale("log")
+    axes[3].set_xscale("log")
+    axes[0].legend()
+    fig.suptitle(f"{g.env}, {len(g.seeds)} seeds: mean and 95% bootstrap interval over seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="sweep.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("action", choices=("run", "commands", "report", "one"))
+    p.add_argument("grid", choices=sorted(GRIDS))
+    p.add_argument("config", nargs="?", help="for one: the configuration")
+    p.add_argument("seed", nargs="?", type=int, help="for one: the seed")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each (run)")
+    p.add_argument("--runs", default=os.path.join(HERE, "runs"), help="where run directories live")
+    p.add_argument("--results", default=os.path.join(HERE, "results"), help="where report writes")
+    a = p.parse_args(argv)
+    g = GRIDS[a.grid]
+    todo = [(c, s) for s in g.seeds for c in g.configs]  # seeds outer: every config gets seed 1 first
+    if a.action == "one":
+        if a.config not in g.configs or a.seed is None:
+            p.error(f"one takes a configuration of {a.grid} ({', '.join(g.configs)}) and a seed")
+        return run_one(a.runs, a.grid, a.config, a.seed)
+    if a.action == "commands":
+        for c, s in todo:
+            if command(a.runs, a.grid, c, s):
+                print(shlex.join(["python", os.path.relpath(__file__), "one", a.grid, c, str(s), "--runs", a.runs]))
+        return 0
+    if a.action == "run":
+        with ThreadPoolExecutor(a.jobs) as pool:
+            codes = list(pool.map(lambda cs: run_one(a.runs, a.grid, *cs), todo))
+        if any(codes):
+            print(f"sweep: {sum(1 for c in codes if c)} run(s) failed; see their stdout.log", file=sys.stderr)
+            return 1
+    report(a.runs, a.grid, a.results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
