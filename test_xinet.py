@@ -729,6 +729,9 @@ def test_cuda_training_run_prunes_and_reloads(tmp_path):
     dense = Agent(small_config(ofe_layers=2, ofe_units=8, hidden=32), OBS, -np.ones(ACT), np.ones(ACT))
     assert agent.num_params() == int(rows[-1]["params"]) < dense.num_params()
     assert all(math.isfinite(float(r["eval_return"])) for r in rows)
+    assert xinet.main(["--resume", str(tmp_path), "--total-steps", "1600"]) == 0  # graphs recorded afresh
+    assert xinet.main(["--resume", str(tmp_path), "--total-steps", "2000", "--device", "cpu"]) == 0
+    assert [int(r["step"]) for r in read_progress(str(tmp_path))] == [400, 800, 1200, 1600, 2000]
 
 
 # ---------------------------------------------------------------------------------------------
