@@ -492,6 +492,7 @@ def test_arch_from_builds_small_dense_agent(e2e_runs, tmp_path):
     (["--prune-strength", "nan"], "--prune-strength"),
     (["--gate-lr", "inf"], "--gate-lr"),
     (["--resume", "no/such/run"], "no/such/run"),
+    (["--export", "no/such/agent.pt"], "does not exist"),
 ])
 def test_user_errors_are_one_clear_sentence(args, words):
     res = run_cli(*args)
@@ -511,6 +512,54 @@ def test_mismatched_checkpoint_is_refused(e2e_runs, tmp_path):
     res = run_cli("--env", "Pendulum-v1", "--arch-from", os.path.join(e2e_runs[0], "agent.pt"),
                   "--total-steps", "10")
     assert res.returncode != 0 and "Traceback" not in res.stderr and "other observation" in res.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Deployment
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kw", [dict(), dict(ofenet=False)])
+@pytest.mark.parametrize("p_keep", [1.0, 0.5, 0.1])
+def test_exported_policy_equals_act_at_every_pruning_level(kw, p_keep):
+    agent = small_agent(seed=2, **kw)
+    if p_keep < 1:
+        set_binary_gates(agent, p_keep, seed=3)
+    with torch.no_grad():
+        for layer in agent.gated():  # survivors strictly inside (0, 1): real multipliers to fold
+            layer.theta.mul_(torch.rand_like(layer.theta) * 0.9 + 0.1)
+        for layer in agent.ofenet.state_block if agent.ofenet else []:  # BN statistics away from 0, 1
+            layer.bn.running_mean.normal_()
+            layer.bn.running_var.uniform_(0.2, 3.0)
+            layer.bn.weight.normal_()
+            layer.bn.bias.normal_()
+        for p in agent.actor.parameters():
+            p.mul_(3.0)  # actions spread over (-1, 1), not all near 0
+    agent.prune()
+    policy = xinet.export_policy(agent)
+    obs = np.random.default_rng(0).normal(size=(256, OBS)).astype(np.float32)
+    expected = agent.act(obs)
+    with torch.no_grad():
+        got = policy(torch.from_numpy(obs)).numpy()
+    assert np.abs(got - expected).max() < 1e-5 and expected.std() > 0.1
+    assert {type(m) for m in policy.modules()} <= {xinet.DeployedPolicy, torch.nn.ModuleList, torch.nn.Linear}
+    assert policy.flops() == agent.flops_per_action() - 2 * agent.actor.net[-1].linear.in_features * ACT
+
+
+def test_exported_policy_runs_in_a_process_with_only_torch(e2e_runs, tmp_path):
+    ckpt, out = os.path.join(e2e_runs[0], "agent.pt"), str(tmp_path / "policy.pt")
+    res = run_cli("--export", ckpt, "--out", out)
+    assert res.returncode == 0, res.stderr
+    assert "parameters" in res.stdout and "FLOPs" in res.stdout and "per action" in res.stdout
+    obs = np.random.default_rng(1).normal(size=(32, OBS)).astype(np.float32)
+    torch.save(torch.from_numpy(obs), tmp_path / "obs.pt")
+    code = ("import sys, torch; policy = torch.jit.load('policy.pt'); "
+            "torch.save(policy(torch.load('obs.pt')), 'actions.pt'); assert 'xinet' not in sys.modules")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    res = subprocess.run([sys.executable, "-W", "ignore", "-c", code], cwd=tmp_path, capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    expected = xinet.load_agent(ckpt).act(obs)
+    assert np.abs(torch.load(tmp_path / "actions.pt").detach().numpy() - expected).max() < 1e-5
 
 
 # ---------------------------------------------------------------------------------------------

@@ -895,11 +895,12 @@ def update(agent: Agent, batch, gates_on: bool = False,
 FORMAT, RESUME_FORMAT = "xinet-agent-1", "xinet-resume-1"
 
 
-def write_atomically(payload: dict, path: str) -> None:
-    """torch.save to a temporary file, then rename it: a run killed at any moment leaves the old
-    file or the new one, never half of one."""
+def write_atomically(path: str, write: Callable) -> None:
+    """write(file) into a temporary file, then rename it to `path`: a run killed at any moment
+    leaves the old file or the new one, never half of one."""
     with user_path(path):
-        torch.save(payload, f"{path}.tmp")
+        with open(f"{path}.tmp", "wb") as f:
+            write(f)
         os.replace(f"{path}.tmp", path)
 
 
@@ -913,7 +914,7 @@ def agent_payload(agent: Agent) -> dict:
 
 
 def save_agent(agent: Agent, path: str) -> None:
-    write_atomically(agent_payload(agent), path)
+    write_atomically(path, lambda f: torch.save(agent_payload(agent), f))
 
 
 def read_checkpoint(path: str, fmt: str = FORMAT) -> dict:
@@ -972,10 +973,11 @@ def save_resume(path: str, agent: Agent, buffer: ReplayBuffer, env: gym.Env, loo
     """Everything a killed run needs to go on as if it had not stopped: the agent, every
     optimizer's moments, the replay buffer's filled rows and position, the loop's counters and
     every RNG. The environment itself starts a new episode on resume."""
-    write_atomically({"format": RESUME_FORMAT, "agent": agent_payload(agent),
-                      "optimizers": {k: opt.state_dict() for k, opt in agent.optimizers().items()},
-                      "buffer": {"rows": buffer.data[:buffer.size].to("cpu", copy=True), "pos": buffer.pos},
-                      "loop": loop, "rng": rng_states(env)}, path)
+    payload = {"format": RESUME_FORMAT, "agent": agent_payload(agent),
+               "optimizers": {k: opt.state_dict() for k, opt in agent.optimizers().items()},
+               "buffer": {"rows": buffer.data[:buffer.size].to("cpu", copy=True), "pos": buffer.pos},
+               "loop": loop, "rng": rng_states(env)}
+    write_atomically(path, lambda f: torch.save(payload, f))
 
 
 def load_resume(path: str, env: gym.Env, device: torch.device) -> tuple[Agent, ReplayBuffer, dict]:
@@ -991,6 +993,101 @@ def load_resume(path: str, env: gym.Env, device: torch.device) -> tuple[Agent, R
     buffer.count.fill_(buffer.size)
     set_rng_states(env, payload["rng"])
     return agent, buffer, payload["loop"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Deployment: the pruned policy as a plain network
+# ----------------------------------------------------------------------------------------------
+
+class DeployedPolicy(nn.Module):
+    """The deterministic policy a = scale * tanh(mu) + bias of phi_o and the actor, as plain layers:
+
+        z = o;   z <- [z, silu(W_k z + b_k)] for each layer k of phi_o;   mu = W_out relu(... relu(W_1 z + b_1))
+
+    BatchNorm and the gates are folded into the weights (Eq. 10): no gate, no BN and no
+    branching is left in forward, so torch.export saves it as a program that runs without xinet.
+    """
+
+    def __init__(self, features: list[nn.Linear], hidden: list[nn.Linear], out: nn.Linear,
+                 scale: torch.Tensor, bias: torch.Tensor):
+        super().__init__()
+        self.features, self.hidden, self.out = nn.ModuleList(features), nn.ModuleList(hidden), out
+        self.register_buffer("scale", scale.clone())
+        self.register_buffer("bias", bias.clone())
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:  # (B, d_o) -> (B, d_a)
+        z = obs
+        for layer in self.features:
+            z = torch.cat([z, F.silu(layer(z))], dim=-1)
+        for layer in self.hidden:
+            z = F.relu(layer(z))
+        return torch.tanh(self.out(z)) * self.scale + self.bias
+
+    def flops(self) -> int:
+        """Multiply-adds x 2 of one action."""
+        return sum(2 * m.in_features * m.out_features for m in self.modules() if isinstance(m, nn.Linear))
+
+
+@torch.no_grad()
+def fold(layer: GatedLinear, gains: torch.Tensor, rows: Optional[int] = None) -> nn.Linear:
+    """The nn.Linear that computes BN(W (gains * x) + b) with BN's running statistics:  (Eq. 10)
+
+        W' = diag(s) W diag(gains),   b' = s * (b - mean) + beta,   s = gamma / sqrt(var + eps).
+
+    A gated unit's mean output is theta_j * act(...), and every layer reads it linearly, so its
+    theta_j moves into the reader's column j: `gains` holds, per input column, the theta of the
+    unit it reads (1 for observations and ungated units). `rows` keeps the first outputs only.
+    """
+    w, b = layer.linear.weight * gains, layer.linear.bias
+    if layer.bn is not None:
+        s = layer.bn.weight / torch.sqrt(layer.bn.running_var + layer.bn.eps)
+        w, b = w * s[:, None], s * (b - layer.bn.running_mean) + layer.bn.bias
+    plain = nn.Linear(w.shape[1], rows or w.shape[0])
+    plain.weight.copy_(w[:plain.out_features])
+    plain.bias.copy_(b[:plain.out_features])
+    return plain
+
+
+@torch.no_grad()
+def export_policy(agent: Agent) -> DeployedPolicy:
+    """phi_o and the actor's mean action as a DeployedPolicy on the CPU: its actions equal
+    agent.act(obs, deterministic=True) for any pruning level, with theta still inside (0, 1) too."""
+    wiring = dict(agent.wiring(targets=False))
+    ones = lambda n: torch.ones(n, device=agent.log_alpha.device)
+    gain = lambda s: ones(s) if isinstance(s, int) else s.theta if s.theta is not None else ones(s.out_features)
+    plain = lambda layer, rows=None: fold(layer, torch.cat([gain(s) for s in wiring[layer]]), rows)
+    features = [plain(l) for l in agent.ofenet.state_block if l.out_features] if agent.ofenet else []
+    *hidden, out = agent.actor.net
+    return DeployedPolicy(features, [plain(l) for l in hidden], plain(out, rows=agent.act_dim),
+                          agent.actor.scale, agent.actor.bias).cpu().eval()
+
+
+def seconds_per_call(fn: Callable[[], object], calls: int) -> float:
+    """Wall time of one call of fn, after a few warm-up calls."""
+    for _ in range(min(calls, 20)):
+        fn()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls
+
+
+def export_checkpoint(path: str, out: str = "") -> str:
+    """Write the exported policy of a saved agent as TorchScript, loadable with torch alone
+    (`torch.jit.load(out)(obs)`, or LibTorch from C++); print its size and speed."""
+    agent = load_agent(path)
+    policy = export_policy(agent)
+    out = out or os.path.join(os.path.dirname(path), "policy.pt")
+    write_atomically(out, lambda f: torch.jit.save(torch.jit.script(policy), f))
+    loaded = torch.jit.load(out)
+    obs = torch.randn(1, agent.obs_dim)
+    with torch.inference_mode():
+        gap = (loaded(obs) - torch.as_tensor(agent.act(obs.numpy()))).abs().max().item()
+        us = 1e6 * seconds_per_call(lambda: loaded(obs), 2000)
+    print(f"{out}: {sum(p.numel() for p in policy.parameters()):,} parameters, {policy.flops():,} FLOPs "
+          f"and {us:.0f} µs per action (batch 1, {torch.get_num_threads()} threads); "
+          f"actions equal agent.act's to {gap:.0e}")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1297,7 +1394,7 @@ def field_docs(cls) -> dict[str, str]:
 
 
 def parse_args(argv=None) -> tuple[Config, set[str], argparse.Namespace]:
-    """(config, the fields given on the command line, the other options: --eval, --resume)."""
+    """(config, the fields given on the command line, the other options: --eval, --export, --resume)."""
     parser = argparse.ArgumentParser(prog="xinet.py", description=__doc__.split("\n\n")[0])
     docs = field_docs(Config)
     for f in dataclasses.fields(Config):  # default None: a flag not given is told from one given
@@ -1309,10 +1406,12 @@ def parse_args(argv=None) -> tuple[Config, set[str], argparse.Namespace]:
             parser.add_argument(flag, type=kind, choices=CHOICES.get(f.name), help=help)
     parser.add_argument("--eval", metavar="CKPT", default=None,
                         help="load a saved agent, evaluate it and print its return and size")
+    parser.add_argument("--export", metavar="CKPT", default=None,
+                        help="write a saved agent's policy as a standalone TorchScript file (--out: where; default beside CKPT)")
     parser.add_argument("--resume", metavar="RUN_DIR", default=None,
                         help=f"continue the run in RUN_DIR from its last checkpoint; only {', '.join(RESUMABLE)} may change")
     args = vars(parser.parse_args(argv))
-    other = argparse.Namespace(eval=args.pop("eval"), resume=args.pop("resume"))
+    other = argparse.Namespace(eval=args.pop("eval"), export=args.pop("export"), resume=args.pop("resume"))
     given = {k: v for k, v in args.items() if v is not None}
     return Config(**given), set(given), other
 
@@ -1360,6 +1459,11 @@ def main(argv=None) -> int:
         if other.eval:
             validate(cfg)
             evaluate_checkpoint(cfg, other.eval)
+        elif other.export:
+            validate(cfg)
+            if cfg.threads:
+                torch.set_num_threads(cfg.threads)
+            export_checkpoint(other.export, cfg.out)
         else:
             if other.resume:
                 cfg = resume_config(other.resume, cfg, given)
