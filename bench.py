@@ -2,6 +2,7 @@
 
     python bench.py                   # this machine's CPU, all the threads torch uses
     python bench.py --device cuda     # one GPU
+    python bench.py --deploy runs/X/agent.pt --threads 1   # the deployed policy's time per action
 
 On Hopper-v4 (obs 11, action 3) with batch 256 it times the training loop's step, i.e. one
 environment step, one action, one replay insert and one full update, for
@@ -20,6 +21,7 @@ matrix-multiply rate, measured in the same run on a large square product.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 
@@ -220,6 +222,35 @@ def bench_one(name: str, cfg: xinet.Config, device: torch.device, steps: int, wa
             "kernels": kernels, "matmul_ms": 1e3 * floor}
 
 
+def deploy_table(ckpt: str) -> None:
+    """Time per action of the deployed policy (CPU): the dense policy and the checkpoint's pruned
+    one, each through agent.act and exported (export_policy, as TorchScript, as --export writes
+    it), at batch 1 (numpy in, numpy out, as a control loop calls it) and at batch 1,000."""
+    pruned = xinet.load_agent(ckpt)
+    low, high = (pruned.actor.bias - pruned.actor.scale).numpy(), (pruned.actor.bias + pruned.actor.scale).numpy()
+    dense = xinet.Agent(dataclasses.replace(pruned.cfg, gates=False, arch_from=""), pruned.obs_dim, low, high)
+    rng = np.random.default_rng(0)
+    one, many = rng.normal(size=pruned.obs_dim).astype(np.float32), rng.normal(size=(1000, pruned.obs_dim)).astype(np.float32)
+    print(f"CPU, {torch.get_num_threads()} thread(s); {ckpt}")
+    print("\n| policy | parameters | FLOPs/action | agent.act, µs/action (batch 1) | exported, µs/action (batch 1) "
+          "| agent.act, ms/1,000 actions (batch 1,000) | exported, ms/1,000 actions (batch 1,000) |")
+    print("|---|---|---|---|---|---|---|")
+    times = {}
+    for name, agent in (("dense", dense), ("pruned", pruned)):
+        policy = torch.jit.script(xinet.export_policy(agent))
+        with torch.inference_mode():
+            exported = lambda x: policy(torch.from_numpy(x)).numpy()
+            t = [xinet.seconds_per_call(lambda: agent.act(one), 2000) * 1e6,
+                 xinet.seconds_per_call(lambda: exported(one[None])[0], 2000) * 1e6,
+                 xinet.seconds_per_call(lambda: agent.act(many), 50) * 1e3,
+                 xinet.seconds_per_call(lambda: exported(many), 50) * 1e3]
+        times[name] = t
+        plain = xinet.export_policy(agent)
+        print(f"| {name} | {sum(p.numel() for p in plain.parameters()):,} | {plain.flops():,} | "
+              + " | ".join(f"{x:.0f}" if k < 2 else f"{x:.2f}" for k, x in enumerate(t)) + " |")
+    print(f"\nexported pruned policy vs dense agent.act at batch 1: {times['dense'][0] / times['pruned'][1]:.1f}x faster")
+
+
 CONFIGS = [
     ("SAC", dict(ofenet=False, gates=False), 1.0),
     ("OFE-SAC", dict(gates=False), 1.0),
@@ -237,12 +268,20 @@ def main(argv=None) -> int:
     parser.add_argument("--estimator", default="pathwise", choices=xinet.CHOICES["estimator"])
     parser.add_argument("--no-cuda-graphs", action="store_true", help="run the GPU update eagerly")
     parser.add_argument("--only", default="", help="comma-separated subset of the configurations")
+    parser.add_argument("--deploy", metavar="CKPT", default="", help="time the deployed policy of a saved agent instead")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench.py: error: --device cuda was asked for but no CUDA device is available.", file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.deploy:
+        try:
+            deploy_table(args.deploy)
+        except xinet.UserError as e:
+            print(f"bench.py: error: {e}", file=sys.stderr)
+            return 2
+        return 0
     device = torch.device(args.device)
     steps = args.steps or (2000 if device.type == "cuda" else 300)
     rate = matmul_rate(device)

@@ -545,6 +545,14 @@ def test_exported_policy_equals_act_at_every_pruning_level(kw, p_keep):
     assert policy.flops() == agent.flops_per_action() - 2 * agent.actor.net[-1].linear.in_features * ACT
 
 
+def test_bench_deploy_table(e2e_runs, capsys):
+    import bench
+    assert bench.main(["--deploy", os.path.join(e2e_runs[0], "agent.pt")]) == 0
+    rows = [l for l in capsys.readouterr().out.splitlines() if l.startswith(("| dense", "| pruned"))]
+    (dense_params, dense_flops), (params, flops) = [[int(c.replace(",", "")) for c in r.split("|")[2:4]] for r in rows]
+    assert params < dense_params and flops < dense_flops
+
+
 def test_exported_policy_runs_in_a_process_with_only_torch(e2e_runs, tmp_path):
     ckpt, out = os.path.join(e2e_runs[0], "agent.pt"), str(tmp_path / "policy.pt")
     res = run_cli("--export", ckpt, "--out", out)
