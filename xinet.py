@@ -1059,7 +1059,7 @@ def export_policy(agent: Agent) -> DeployedPolicy:
     features = [plain(l) for l in agent.ofenet.state_block if l.out_features] if agent.ofenet else []
     *hidden, out = agent.actor.net
     return DeployedPolicy(features, [plain(l) for l in hidden], plain(out, rows=agent.act_dim),
-                          agent.actor.scale, agent.actor.bias).cpu().eval()
+                          agent.actor.scale, agent.actor.bias).cpu().eval().requires_grad_(False)
 
 
 def seconds_per_call(fn: Callable[[], object], calls: int) -> float:
