@@ -1005,7 +1005,7 @@ class DeployedPolicy(nn.Module):
         z = o;   z <- [z, silu(W_k z + b_k)] for each layer k of phi_o;   mu = W_out relu(... relu(W_1 z + b_1))
 
     BatchNorm and the gates are folded into the weights (Eq. 10): no gate, no BN and no
-    branching is left in forward, so torch.export saves it as a program that runs without xinet.
+    branching is left in forward, so TorchScript saves it as a program that runs without xinet.
     """
 
     def __init__(self, features: list[nn.Linear], hidden: list[nn.Linear], out: nn.Linear,
@@ -1062,14 +1062,17 @@ def export_policy(agent: Agent) -> DeployedPolicy:
                           agent.actor.scale, agent.actor.bias).cpu().eval().requires_grad_(False)
 
 
-def seconds_per_call(fn: Callable[[], object], calls: int) -> float:
-    """Wall time of one call of fn, after a few warm-up calls."""
-    for _ in range(min(calls, 20)):
-        fn()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - start) / calls
+def seconds_per_call(fn: Callable[[], object], calls: int, repeat: int = 5) -> float:
+    """Wall time of one call of fn: the best of `repeat` rounds of `calls` calls, the round
+    least disturbed by other work on the machine."""
+    fn()
+    best = math.inf
+    for _ in range(repeat):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - start) / calls)
+    return best
 
 
 def export_checkpoint(path: str, out: str = "") -> str:
