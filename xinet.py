@@ -125,6 +125,11 @@ def ofenet_size(env_id: str) -> tuple[int, int]:
     return (8, 30) if env_id.startswith(("HalfCheetah", "Humanoid")) else (6, 40)
 
 
+def flag(name: str) -> str:
+    """The command-line flag of a Config field: total_steps -> --total-steps."""
+    return "--" + name.replace("_", "-")
+
+
 class UserError(Exception):
     """A mistake in the command line, environment or checkpoint: reported in one sentence."""
 
@@ -142,18 +147,18 @@ def validate(cfg: Config) -> Config:
     """Check the values a user can get wrong and fill in the estimator's default strength."""
     for f in dataclasses.fields(cfg):
         if f.type in ("float", float) and not math.isfinite(getattr(cfg, f.name)):
-            raise UserError(f"--{f.name.replace('_', '-')} must be a finite number, got {getattr(cfg, f.name)}.")
+            raise UserError(f"{flag(f.name)} must be a finite number, got {getattr(cfg, f.name)}.")
     for name in ("total_steps", "batch_size", "buffer_size", "eval_every", "eval_episodes",
                  "prune_every", "hidden", "log_every"):
         if getattr(cfg, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}.")
+            raise UserError(f"{flag(name)} must be positive, got {getattr(cfg, name)}.")
     for name in ("learning_starts", "pretrain_steps", "prune_start", "prune_ramp", "ofe_layers",
                  "ofe_units", "threads"):
         if getattr(cfg, name) < 0:
-            raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(cfg, name)}.")
+            raise UserError(f"{flag(name)} must not be negative, got {getattr(cfg, name)}.")
     for name in ("lr", "critic_lr", "gate_lr"):
         if not getattr(cfg, name) > 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}.")
+            raise UserError(f"{flag(name)} must be positive, got {getattr(cfg, name)}.")
     if not (0 < cfg.discount <= 1 and 0 < cfg.tau <= 1 and 0 <= cfg.loss_ema < 1):
         raise UserError("--discount and --tau must lie in (0, 1] and --loss-ema in [0, 1).")
     unknown = set(filter(None, cfg.gate.split(","))) - set(NETWORKS)
@@ -1401,18 +1406,18 @@ def parse_args(argv=None) -> tuple[Config, set[str], argparse.Namespace]:
     parser = argparse.ArgumentParser(prog="xinet.py", description=__doc__.split("\n\n")[0])
     docs = field_docs(Config)
     for f in dataclasses.fields(Config):  # default None: a flag not given is told from one given
-        flag, help = "--" + f.name.replace("_", "-"), f"{docs[f.name]} (default: {f.default})"
+        help = f"{docs[f.name]} (default: {f.default})"
         if f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
+            parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, help=help)
         else:
             kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            parser.add_argument(flag, type=kind, choices=CHOICES.get(f.name), help=help)
+            parser.add_argument(flag(f.name), type=kind, choices=CHOICES.get(f.name), help=help)
     parser.add_argument("--eval", metavar="CKPT", default=None,
                         help="load a saved agent, evaluate it and print its return and size")
     parser.add_argument("--export", metavar="CKPT", default=None,
                         help="write a saved agent's policy as a standalone TorchScript file (--out: where; default beside CKPT)")
     parser.add_argument("--resume", metavar="RUN_DIR", default=None,
-                        help=f"continue the run in RUN_DIR from its last checkpoint; only {', '.join(RESUMABLE)} may change")
+                        help=f"continue the run in RUN_DIR from its last checkpoint; only {', '.join(map(flag, RESUMABLE))} may change")
     args = vars(parser.parse_args(argv))
     other = argparse.Namespace(eval=args.pop("eval"), export=args.pop("export"), resume=args.pop("resume"))
     given = {k: v for k, v in args.items() if v is not None}
@@ -1437,9 +1442,8 @@ def resume_config(run_dir: str, cli: Config, given: set[str]) -> Config:
         if name in RESUMABLE:
             setattr(cfg, name, getattr(cli, name))
         elif getattr(cli, name) != saved[name]:
-            flag = "--" + name.replace("_", "-")
-            raise UserError(f"{flag} {getattr(cli, name)} contradicts the run in {run_dir} ({saved[name]}); "
-                            f"a resumed run may change only {', '.join('--' + n.replace('_', '-') for n in RESUMABLE)}.")
+            raise UserError(f"{flag(name)} {getattr(cli, name)} contradicts the run in {run_dir} ({saved[name]}); "
+                            f"a resumed run may change only {', '.join(map(flag, RESUMABLE))}.")
     cfg.out = run_dir
     return cfg
 
@@ -1475,8 +1479,9 @@ def main(argv=None) -> int:
         print(f"xinet: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"xinet: interrupted; `python xinet.py --resume {cfg.out or 'RUN_DIR'}` goes on from the last checkpoint.",
-              file=sys.stderr)
+        training = cfg.out and not (other.eval or other.export)
+        hint = f"; `python xinet.py --resume {cfg.out}` goes on from the last checkpoint" if training else ""
+        print(f"xinet: interrupted{hint}.", file=sys.stderr)
         return 130
     return 0
 
