@@ -41,9 +41,10 @@ class Grid:
 
 SAC = "--no-ofenet --no-gates"
 GRIDS = {
-    # Plain SAC's settings against the widely used single-file SAC's (5k random steps,
-    # critic and temperature learning rate 1e-3).
-    "sac_parity": Grid({"sac": SAC, "sac_fast": f"{SAC} --learning-starts 5000 --critic-lr 0.001"}),
+    # Plain SAC's settings against the widely used single-file SAC's (5k random steps, critic
+    # and temperature learning rate 1e-3), then each of the two differences alone.
+    "sac_parity": Grid({"sac": SAC, "sac_fast": f"{SAC} --learning-starts 5000 --critic-lr 0.001",
+                        "sac_lr": f"{SAC} --critic-lr 0.001", "sac_ls5k": f"{SAC} --learning-starts 5000"}),
 }
 
 
@@ -200,7 +201,7 @@ def main(argv=None) -> int:
     if a.action == "commands":
         for c, s in todo:
             if command(a.runs, a.grid, c, s):
-                print(shlex.join(["python", os.path.relpath(__file__), "one", a.grid, c, str(s), "--runs", a.runs]))
+                print(shlex.join(["python", os.path.relpath(__file__), "one", a.grid, c, str(s), "--runs", os.path.relpath(a.runs)]))
         return 0
     if a.action == "run":
         with ThreadPoolExecutor(a.jobs) as pool:
