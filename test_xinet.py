@@ -440,6 +440,7 @@ def test_end_to_end_trains_prunes_and_writes_outputs(e2e_runs):
     for r in rows:
         assert math.isfinite(float(r["eval_return"])) and float(r["steps_per_sec"]) > 0
         assert float(r["expected_params"]) <= int(r["params"])  # theta <= 1; equal once binary
+        assert all(float(r[f"loss_scale_{k}"]) > 0 for k in ("ofenet", "critic", "actor"))
     agent = xinet.load_agent(os.path.join(e2e_runs[0], "agent.pt"))
     assert agent.num_params() == params[-1]
     assert sum(agent.alive_units().values()) == sum(int(v) for k, v in rows[-1].items() if k.startswith("alive_"))

@@ -1319,6 +1319,8 @@ def train(cfg: Config, on_eval: Optional[Callable[[int, "Agent"], None]] = None,
                    **{f"params_{k}": v for k, v in agent.network_params().items()},
                    "flops_per_action": agent.flops_per_action(), "theta_one": ones,
                    "theta_inside": inside, "alpha": agent.log_alpha.exp().item(),
+                   **{f"loss_scale_{k}": agent.loss_scale[k].item() if k in agent.loss_scale else float("nan")
+                      for k in agent.networks()},
                    **{f"alive_{k}": v for k, v in agent.alive_units().items()},
                    "steps_per_sec": train_rate, "time": elapsed, "max_rss_mb": max_rss_mb()}
             train_returns.clear()
