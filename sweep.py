@@ -108,8 +108,9 @@ def report(runs: str, grid: str, results: str) -> None:
     os.makedirs(results, exist_ok=True)
     curves, summary = [], []
     for config in g.configs:
-        runs_done = {s: progress(run_dir(runs, grid, config, s)) for s in g.seeds}
-        runs_done = {s: r for s, r in runs_done.items() if r and int(r[-1]["step"]) >= g.steps}
+        runs_done = {s: [r for r in progress(run_dir(runs, grid, config, s)) if int(r["step"]) <= g.steps]
+                     for s in g.seeds}  # a run extended beyond the grid's steps is read up to them
+        runs_done = {s: r for s, r in runs_done.items() if r and int(r[-1]["step"]) == g.steps}
         for seed, rows in runs_done.items():
             curves += [{"config": config, "seed": seed, **r} for r in rows]
             summary.append({"config": config, "seed": seed, **summarize(rows, g.steps)})
