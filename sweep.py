@@ -158,16 +158,16 @@ def plot(curves: list[dict], summary: list[dict], g: Grid, path: str) -> None:
         rows = [r for r in curves if r["config"] == config]
         if not rows:
             continue
-        color = f"C{k}"
+        color, label = f"C{k}", f"{config} ({len({r['seed'] for r in rows})} seeds)"
         steps = sorted({int(r["step"]) for r in rows})
         for ax, key in zip(axes[:3], ("eval_return", "train_return", "params")):
             stats = [bootstrap([float(r[key]) for r in rows if int(r["step"]) == s and r[key] != "nan"] or [np.nan])
                      for s in steps]
             mean, lo, hi = np.array(stats).T
-            ax.plot(steps, mean, color=color, label=config)
+            ax.plot(steps, mean, color=color, label=label)
             ax.fill_between(steps, lo, hi, color=color, alpha=0.2)
         agg = next(s for s in summary if s["config"] == config and "params_lo" in s)
-        axes[3].errorbar(agg["params"], agg["train_return"], color=color, fmt="o", label=config,
+        axes[3].errorbar(agg["params"], agg["train_return"], color=color, fmt="o", label=label,
                          xerr=[[agg["params"] - agg["params_lo"]], [agg["params_hi"] - agg["params"]]],
                          yerr=[[agg["train_return"] - agg["train_return_lo"]], [agg["train_return_hi"] - agg["train_return"]]])
     titles = ("evaluation return", "training return", "parameters", "return (last 10%) vs parameters")
@@ -178,7 +178,7 @@ def plot(curves: list[dict], summary: list[dict], g: Grid, path: str) -> None:
     axes[2].set_yscale("log")
     axes[3].set_xscale("log")
     axes[0].legend()
-    fig.suptitle(f"{g.env}, {len(g.seeds)} seeds: mean and 95% bootstrap interval over seeds")
+    fig.suptitle(f"{g.env}: mean and 95% bootstrap interval over seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
