@@ -64,7 +64,7 @@ def update_flops(agent: xinet.Agent, batch: int, gates_on: bool) -> int:
     critic = critics(first_input_grad=False, **grads) + flip * critics()
     policy = linear_flops(actor, B, first_input_grad=False, **grads)  # pi(o), back to its weights
     policy += linear_flops(SA, B, input_grad=True) + critics(input_grad=True)  # Q(z_oa(a)), back to a
-    policy += flip * (linear_flops(actor, B) + linear_flops(SA, B) + critics())
+    policy += (1 + flip) * (linear_flops(actor, B) + linear_flops(SA, B) + critics())  # baseline, flip replay
     return ofenet + targets + critic + policy
 
 

@@ -45,6 +45,14 @@ GRIDS = {
     # and temperature learning rate 1e-3), then each of the two differences alone.
     "sac_parity": Grid({"sac": SAC, "sac_fast": f"{SAC} --learning-starts 5000 --critic-lr 0.001",
                         "sac_lr": f"{SAC} --critic-lr 0.001", "sac_ls5k": f"{SAC} --learning-starts 5000"}),
+    # Screen of the gate settings on two seeds: the flip estimator (momentum 0.999, actor loss
+    # centred per state) at two prices.
+    "gates": Grid({"flip_g3": "--estimator flip --prune-strength 3",
+                   "flip_g10": "--estimator flip --prune-strength 10"}, seeds=(1, 2)),
+    # The runs of record: the dense OFENet agent, XiNet's default, and XiNet's final architecture
+    # (each seed's own) trained from scratch without gates.
+    "hopper": Grid({"dense": "--no-gates", "xinet": "",
+                    "small": "--arch-from {runs}/hopper/xinet/seed{seed}/agent.pt"}),
 }
 
 

@@ -92,6 +92,8 @@ class Config:
     """environment steps between pruning events"""
     gate_lr: float = 1e-3
     """Adam learning rate of the gate parameters theta"""
+    gate_momentum: float = 0.999
+    """Adam's beta1 for theta: each gate step follows the average of ~1/(1 - beta1) gradient estimates"""
     loss_ema: float = 0.99
     """decay of the running loss scale s_N of Eq. 3"""
     eval_every: int = 5_000
@@ -159,8 +161,8 @@ def validate(cfg: Config) -> Config:
     for name in ("lr", "critic_lr", "gate_lr"):
         if not getattr(cfg, name) > 0:
             raise UserError(f"{flag(name)} must be positive, got {getattr(cfg, name)}.")
-    if not (0 < cfg.discount <= 1 and 0 < cfg.tau <= 1 and 0 <= cfg.loss_ema < 1):
-        raise UserError("--discount and --tau must lie in (0, 1] and --loss-ema in [0, 1).")
+    if not (0 < cfg.discount <= 1 and 0 < cfg.tau <= 1 and 0 <= cfg.loss_ema < 1 and 0 <= cfg.gate_momentum < 1):
+        raise UserError("--discount and --tau must lie in (0, 1], --loss-ema and --gate-momentum in [0, 1).")
     unknown = set(filter(None, cfg.gate.split(","))) - set(NETWORKS)
     if unknown:
         raise UserError(f"--gate takes a comma-separated subset of {', '.join(NETWORKS)}, not {', '.join(sorted(unknown))}.")
@@ -604,16 +606,16 @@ class Agent(nn.Module):
         self.target_entropy = -float(act_dim)
         self.to(device)
 
-        def adam(params, lr):  # one fused kernel per step; graph-capturable on a GPU
+        def adam(params, lr, beta1=0.9):  # one fused kernel per step; graph-capturable on a GPU
             params = list(params)
             cuda = torch.device(device).type == "cuda"
-            return torch.optim.Adam(params, lr=lr, fused=True, capturable=cuda) if params else None
+            return torch.optim.Adam(params, lr=lr, betas=(beta1, 0.999), fused=True, capturable=cuda) if params else None
 
         self.ofenet_opt = adam(weights(self.ofenet), cfg.lr) if self.ofenet else None
         self.actor_opt = adam(weights(self.actor), cfg.lr)
         self.critic_opt = adam(weights(self.critic), cfg.critic_lr)
         self.alpha_opt = adam([self.log_alpha], cfg.critic_lr)
-        self.gate_opt = adam(self.thetas(), cfg.gate_lr)
+        self.gate_opt = adam(self.thetas(), cfg.gate_lr, cfg.gate_momentum)
         self.loss_scale: dict[str, torch.Tensor] = {}  # s_N of Eq. 3, per network
         self.param_count = ExpectedParams(self.wiring(targets=False))  # P(theta), Eq. 4
         self.dense_params = self.expected_params().item()  # P(1): every theta starts at 1
@@ -765,10 +767,11 @@ class Agent(nn.Module):
 # The update
 # ----------------------------------------------------------------------------------------------
 
-def loss_scale(agent: Agent, key: str, loss: torch.Tensor) -> torch.Tensor:
-    """s_N <- beta * s_N + (1 - beta) * |loss|: a gradient-free size of network N's loss, so that
-    one gamma means the same for every network and reward scale (Eq. 3)."""
-    size = loss.detach().abs()
+def loss_scale(agent: Agent, key: str, losses: torch.Tensor) -> torch.Tensor:
+    """s_N <- beta * s_N + (1 - beta) * mean_i |loss_i|: a gradient-free size of network N's loss,
+    so that one gamma means the same for every network and reward scale (Eq. 3). Each loss_i must
+    be the part of the loss that N's units can change: the actor's is centred per state."""
+    size = losses.detach().abs().mean()
     if key not in agent.loss_scale:
         agent.loss_scale[key] = size.clone()
     else:
@@ -788,7 +791,7 @@ def train_network(agent: Agent, key: str, net: nn.Module, optimizer: torch.optim
     net.train()
     losses = per_example_loss()
     loss = losses.sum(-1).mean()
-    s = loss_scale(agent, key, loss)
+    s = loss_scale(agent, key, losses.sum(-1))
     layers = gated_layers(net) if gates_on else []
     flip = layers and agent.cfg.estimator == "flip"
     flip_grads = flip_estimate(groups or [layers], losses, per_example_loss) if flip else None
@@ -876,14 +879,18 @@ def update(agent: Agent, batch, gates_on: bool = False,
     info["critic_loss"] = train_network(agent, "critic", agent.critic, agent.critic_opt, td_errors,
                                         gates_on, groups=groups)
 
+    def soft_value(a: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:  # (B,): alpha log pi - min_k Q_k
+        return alpha * logp - agent.critic(agent.state_action_features(z_o, a)).min(-1).values
+
+    with torch.no_grad():  # the same at another action a' ~ pi: a per-state baseline, so
+        baseline = soft_value(*agent.actor(z_o))  # s_N measures soft advantages, not the level of Q
     eps = torch.randn(obs.shape[0], agent.act_dim, device=obs.device)  # one noise for both passes
     log_probs = []
 
-    def policy_loss() -> torch.Tensor:  # (B, 1): alpha log pi(a|o) - min_k Q_k(o, a), a ~ pi
+    def policy_loss() -> torch.Tensor:  # (B, 1): alpha log pi(a|o) - min_k Q_k(o, a) - baseline, a ~ pi
         a, logp = agent.actor(z_o, eps)
         log_probs.append(logp.detach())
-        q = agent.critic(agent.state_action_features(z_o, a)).min(-1).values
-        return (alpha * logp - q)[:, None]
+        return (soft_value(a, logp) - baseline)[:, None]
 
     info["actor_loss"] = train_network(agent, "actor", agent.actor, agent.actor_opt, policy_loss, gates_on)
     update_temperature(agent, log_probs[0])
