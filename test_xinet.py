@@ -183,6 +183,47 @@ def test_pathwise_is_exact_when_loss_is_linear_in_each_gate():
     assert torch.all((mean - exact).abs() < 4.5 * se + 1e-6), (mean, exact, se)
 
 
+def settled_fraction(momentum: float, steps: int = 2500, units: int = 64, batch: int = 16) -> float:
+    """A regression with many more gated units than examples per step (as on Hopper, where each
+    unit is flipped by about half an example per step), trained with the flip estimator and the
+    gate step of Eq. 9 at the given Adam momentum; returns the fraction of surviving theta at 1."""
+    torch.manual_seed(0)
+    hidden = GatedLinear(4, units, activation=torch.tanh, estimator="flip")
+    out = GatedLinear(units, 1, gated=False)
+    wiring = [(hidden, [4]), (out, [hidden])]
+    weights = [p for n, p in torch.nn.Sequential(hidden, out).named_parameters() if n != "0.theta"]
+    opt = torch.optim.Adam(weights, lr=1e-2)
+    gate_opt = torch.optim.Adam([hidden.theta], lr=3e-3, betas=(momentum, 0.999))
+    dense = xinet.expected_params(wiring).item()
+    X = torch.randn(4096, 4)
+    Y = torch.tanh(X[:, :1]) + 0.5 * torch.tanh(X[:, 1:2] - X[:, 2:3])
+    for _ in range(steps):
+        i = torch.randint(len(X), (batch,))
+        hidden.train()
+        per_example = lambda: (out(hidden(X[i])) - Y[i]).pow(2)  # (B, 1)
+        losses = per_example()
+        grad = xinet.flip_estimate([[hidden]], losses, per_example)[hidden] / losses.mean().detach()
+        opt.zero_grad()
+        losses.mean().backward(inputs=weights)
+        cost = torch.autograd.grad(xinet.expected_params(wiring) / dense, hidden.theta)[0]
+        hidden.theta.grad = grad + 0.05 * cost
+        before = [hidden.theta.detach().clone()]
+        opt.step()
+        gate_opt.step()
+        xinet.project_gates_([hidden], before)
+    theta = hidden.theta.detach()
+    return float((theta == 1).sum() / (theta > 0).sum())
+
+
+def test_gate_momentum_lets_theta_settle_at_one():
+    """With ~0.25 flips per unit and step, Adam's usual beta1 = 0.9 averages too few estimates:
+    the sign of the step is noise and theta keeps leaving 1. Averaging ~1,000 (0.999, the default)
+    lets the gates of useful units sit exactly at 1."""
+    assert small_agent().gate_opt.param_groups[0]["betas"][0] == Config().gate_momentum == 0.999
+    low, high = settled_fraction(0.9), settled_fraction(0.999)
+    assert low < 0.5 and high > 0.7, (low, high)
+
+
 def test_pathwise_bias_on_squared_error_is_measured_and_bounded():
     """For y = sum_j xi_j c_j + b and l = (y - t)^2 the pathwise gradient's bias is exactly
     (2 theta_j - 1) * mean_i c_ij^2: zero at theta = 1/2, largest at the ends."""
@@ -365,6 +406,26 @@ def test_td_target_bootstraps_on_truncation_not_termination():
     r, v = torch.tensor([1.0, 1.0]), torch.tensor([10.0, 10.0])
     y = xinet.td_target(r, torch.tensor([0.0, 1.0]), v, 0.9)
     assert y.tolist() == [10.0, 1.0]
+
+
+@pytest.mark.parametrize("estimator", ["flip", "pathwise"])
+def test_actor_loss_scale_ignores_the_level_of_q(estimator):
+    """Adding 1000 to every Q-value leaves the actor's s_N as it is: the actor's loss is centred
+    per state, so s_N measures soft advantages, not the level of Q (which grows with the return)."""
+    scales = []
+    for shift in (0.0, 1000.0):
+        torch.manual_seed(0)
+        agent = small_agent(estimator=estimator)
+        with torch.no_grad():
+            for critic in (agent.critic, agent.critic_target):
+                for q in critic.qs:
+                    q[-1].linear.bias += shift
+        agent.critic_opt.param_groups[0]["lr"] = 0.0  # the critics keep their shift
+        batch = random_buffer().sample(64)
+        assert agent.q_values(batch[0], batch[1]).mean() > shift - 10
+        xinet.update(agent, batch, gates_on=True, strength=0.0)
+        scales.append(agent.loss_scale["actor"].item())
+    assert 0 < scales[0] < 10 and scales[1] == pytest.approx(scales[0], rel=1e-2), scales
 
 
 def test_temperature_moves_toward_target_entropy():
