@@ -615,6 +615,17 @@ def test_bench_deploy_table(e2e_runs, capsys):
     assert params < dense_params and flops < dense_flops
 
 
+def test_gates_price_table(e2e_runs, capsys):
+    import gates
+    gates.main(["price", os.path.join(e2e_runs[0], "resume.pt")])
+    rows = [[c.strip() for c in l.split("|")[1:-1]] for l in capsys.readouterr().out.splitlines()
+            if l.startswith("| ") and not l.startswith("| network")]
+    assert [r[0] for r in rows] == ["actor", "actor, uncentred", "critic", "ofenet"]
+    for name, mean_abs, abs_mean, std, *quantiles in rows:
+        assert float(mean_abs) >= float(abs_mean) and float(std) > 0
+        assert [float(q) for q in quantiles] == sorted(float(q) for q in quantiles), name
+
+
 def test_exported_policy_runs_in_a_process_with_only_torch(e2e_runs, tmp_path):
     ckpt, out = os.path.join(e2e_runs[0], "agent.pt"), str(tmp_path / "policy.pt")
     res = run_cli("--export", ckpt, "--out", out)
