@@ -5,8 +5,9 @@
     python sweep.py report sac_parity           # results/sac_parity.csv, _summary.csv, .png
 
 A run lives in runs/<grid>/<config>/seed<S>. `one` (what `run` and the printed commands call)
-skips a finished run, resumes an interrupted one from its resume.pt and starts a missing one,
-so any of these commands may be killed and started again.
+skips a finished run, resumes an interrupted one from its resume.pt and starts a missing one; it
+leaves alone a run that another process is running (a lock on the run directory), so any of
+these commands may be killed and started again, or run twice at once.
 
 The statistics of record (README, "Results"), per run and then as the mean over seeds with a
 95% bootstrap interval: the training return over the last 10% of the steps (90k-100k of a 100k
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import fcntl
 import os
 import shlex
 import subprocess
@@ -44,10 +46,9 @@ GRIDS = {
     # Plain SAC's settings against the widely used single-file SAC's (5k random steps, critic
     # and temperature learning rate 1e-3).
     "sac_parity": Grid({"sac": SAC, "sac_fast": f"{SAC} --learning-starts 5000 --critic-lr 0.001"}),
-    # Screen of the gate settings on two seeds: the flip estimator (momentum 0.999, actor loss
-    # centred per state) at two prices.
-    "gates": Grid({"flip_g3": "--estimator flip --prune-strength 3",
-                   "flip_g10": "--estimator flip --prune-strength 10"}, seeds=(1, 2)),
+    # The flip estimator (gate momentum 0.999, actor's loss centred per state) at four prices,
+    # two seeds each: the frontier of return against size.
+    "gates": Grid({f"flip_g{g}": f"--estimator flip --prune-strength {g}" for g in (1, 3, 10, 30)}, seeds=(1, 2)),
     # The runs of record: the dense OFENet agent, XiNet's default, and XiNet's final architecture
     # (each seed's own) trained from scratch without gates.
     "hopper": Grid({"dense": "--no-gates", "xinet": "",
@@ -82,14 +83,20 @@ def command(runs: str, grid: str, config: str, seed: int) -> list[str]:
 
 
 def run_one(runs: str, grid: str, config: str, seed: int) -> int:
-    cmd = command(runs, grid, config, seed)
-    if not cmd:
-        return 0
     out = run_dir(runs, grid, config, seed)
     os.makedirs(out, exist_ok=True)
-    print(f"{grid}/{config}/seed{seed}: {shlex.join(cmd[1:])}", flush=True)
-    with open(os.path.join(out, "stdout.log"), "a") as log:
-        return subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+    with open(os.path.join(out, "lock"), "w") as lock:
+        try:  # released when this process ends, however it ends
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"{grid}/{config}/seed{seed}: running in another process, skipped", flush=True)
+            return 0
+        cmd = command(runs, grid, config, seed)
+        if not cmd:
+            return 0
+        print(f"{grid}/{config}/seed{seed}: {shlex.join(cmd[1:])}", flush=True)
+        with open(os.path.join(out, "stdout.log"), "a") as log:
+            return subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
 
 
 def bootstrap(values, reps: int = 10_000, seed: int = 0) -> tuple[float, float, float]:

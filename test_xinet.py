@@ -889,3 +889,10 @@ def test_sweep_runs_skips_finished_and_aggregates(tmp_path, monkeypatch, capsys)
     assert os.path.getsize(os.path.join(results, "tiny.png")) > 10_000
     assert "| a | mean of 2 |" in capsys.readouterr().out  # the printed table
     assert sweep.main(["commands", "tiny", "--runs", runs]) == 0 and capsys.readouterr().out == ""
+    import fcntl
+    monkeypatch.setattr(sweep.GRIDS["tiny"], "steps", 800)  # a is unfinished again, but running elsewhere
+    with open(os.path.join(runs, "tiny", "a", "seed1", "lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        assert sweep.run_one(runs, "tiny", "a", 1) == 0
+    assert "running in another process, skipped" in capsys.readouterr().out
+    assert int(read_progress(os.path.join(runs, "tiny", "a", "seed1"))[-1]["step"]) == 600
