@@ -106,7 +106,15 @@ def bootstrap(values, reps: int = 10_000, seed: int = 0) -> tuple[float, float, 
     return float(x.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
-SUMMARY = ("train_return", "eval_return", "params", "flops_per_action", "theta_one", "theta_inside")
+SUMMARY = ("train_return", "eval_return", "params", "flops_per_action", "theta_one", "theta_inside", "theta_settled")
+
+
+def settled(row: dict) -> float:
+    """The smallest share, over the gated networks, of surviving theta exactly at 1."""
+    count = lambda k: float(row.get(k) or 0)
+    shares = [count(k) / (count(k) + count(k.replace("one", "inside"))) for k in row
+              if k.startswith("theta_one_") and count(k) + count(k.replace("one", "inside")) > 0]
+    return min(shares, default=float("nan"))
 
 
 def summarize(rows: list[dict], steps: int) -> dict:
@@ -114,7 +122,7 @@ def summarize(rows: list[dict], steps: int) -> dict:
     last = rows[-1]
     window = [float(r["train_return"]) for r in rows if int(r["step"]) > 0.9 * steps]
     return {"train_return": float(np.nanmean(window)), "eval_return": float(last["eval_return"]),
-            **{k: float(last[k]) for k in SUMMARY[2:]}}
+            **{k: float(last[k]) for k in SUMMARY[2:-1]}, "theta_settled": settled(last)}
 
 
 def report(runs: str, grid: str, results: str) -> None:
@@ -151,14 +159,15 @@ def write_csv(path: str, rows: list[dict]) -> None:
 
 
 def print_table(summary: list[dict]) -> None:
-    print("| config | seed | train return (last 10%) | final eval | params | FLOPs/action | θ at 1 | θ in (0,1) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| config | seed | train return (last 10%) | final eval | params | FLOPs/action | θ at 1 | θ in (0,1) "
+          "| share at 1, worst network |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for s in summary:
-        cell = lambda k, f: (f"{s[k]:{f}} [{s[k + '_lo']:{f}}, {s[k + '_hi']:{f}}]" if f"{k}_lo" in s
-                             else f"{s[k]:{f}}")
+        cell = lambda k, f: ("–" if np.isnan(s[k]) else f"{s[k]:{f}} [{s[k + '_lo']:{f}}, {s[k + '_hi']:{f}}]"
+                             if f"{k}_lo" in s else f"{s[k]:{f}}")
         print(f"| {s['config']} | {s['seed']} | {cell('train_return', '.0f')} | {cell('eval_return', '.0f')} | "
               f"{cell('params', ',.0f')} | {cell('flops_per_action', ',.0f')} | {cell('theta_one', '.0f')} | "
-              f"{cell('theta_inside', '.0f')} |")
+              f"{cell('theta_inside', '.0f')} | {cell('theta_settled', '.0%')} |")
 
 
 def plot(curves: list[dict], summary: list[dict], g: Grid, path: str) -> None:

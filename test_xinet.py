@@ -502,6 +502,8 @@ def test_end_to_end_trains_prunes_and_writes_outputs(e2e_runs):
         assert math.isfinite(float(r["eval_return"])) and float(r["steps_per_sec"]) > 0
         assert float(r["expected_params"]) <= int(r["params"])  # theta <= 1; equal once binary
         assert all(float(r[f"loss_scale_{k}"]) > 0 for k in ("ofenet", "critic", "actor"))
+        for kind in ("one", "inside"):  # per network, adding up to the whole agent's count
+            assert int(r[f"theta_{kind}"]) == sum(int(r[f"theta_{kind}_{k}"]) for k in ("ofenet", "critic", "actor"))
     agent = xinet.load_agent(os.path.join(e2e_runs[0], "agent.pt"))
     assert agent.num_params() == params[-1]
     assert sum(agent.alive_units().values()) == sum(int(v) for k, v in rows[-1].items() if k.startswith("alive_"))
@@ -695,6 +697,16 @@ def test_resumed_update_equals_uninterrupted_update(tmp_path, estimator):
     for (name, a), b in zip(agent.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), name
     assert any(0 < t < 1 for theta in again.thetas() for t in theta)  # theta did move
+
+
+def test_progress_log_widens_its_header_for_a_resumed_run(tmp_path):
+    path = str(tmp_path / "progress.csv")
+    log = xinet.ProgressLog(path)
+    log.write({"step": 5, "a": 1})
+    log.write({"step": 10, "a": 2})
+    resumed = xinet.ProgressLog(path, after=5)  # killed after row 10, resumed from step 5
+    resumed.write({"step": 10, "a": 3, "b": 4})  # newer code logs one more column
+    assert read_progress(str(tmp_path)) == [{"step": "5", "a": "1", "b": ""}, {"step": "10", "a": "3", "b": "4"}]
 
 
 def test_cut_short_or_foreign_resume_file_is_refused(e2e_runs, tmp_path):

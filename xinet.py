@@ -1153,10 +1153,15 @@ def max_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
-def theta_summary(agent: Agent) -> tuple[int, int]:
-    """(surviving theta exactly 1, surviving theta inside (0, 1))."""
-    thetas = torch.cat([t.detach().flatten() for t in agent.thetas()]) if agent.thetas() else torch.zeros(0)
-    return int((thetas == 1).sum()), int(((thetas > 0) & (thetas < 1)).sum())
+def theta_summary(agent: Agent) -> dict[str, int]:
+    """Surviving theta exactly at 1 and strictly inside (0, 1), per network and in all."""
+    counts = {}
+    for name, net in agent.networks().items():
+        theta = torch.cat([layer.theta.detach().cpu() for layer in gated_layers(net)] or [torch.zeros(0)])
+        counts[f"theta_one_{name}"] = int((theta == 1).sum())
+        counts[f"theta_inside_{name}"] = int(((theta > 0) & (theta < 1)).sum())
+    total = lambda kind: sum(v for k, v in counts.items() if k.startswith(kind))
+    return {"theta_one": total("theta_one_"), "theta_inside": total("theta_inside_"), **counts}
 
 
 def build_agent(cfg: Config, env: gym.Env, device: torch.device) -> Agent:
@@ -1319,13 +1324,12 @@ def train(cfg: Config, on_eval: Optional[Callable[[int, "Agent"], None]] = None,
             returns = evaluate(agent, eval_env, cfg.eval_episodes, seed=cfg.seed + 10_000)
             last_eval = float(returns.mean())
             elapsed = time.perf_counter() - t_start
-            ones, inside = theta_summary(agent)
             row = {"step": step, "eval_return": last_eval, "eval_return_std": float(returns.std()),
                    "train_return": float(np.mean(train_returns)) if train_returns else float("nan"),
                    "params": agent.num_params(), "expected_params": agent.expected_params().item(),
                    **{f"params_{k}": v for k, v in agent.network_params().items()},
-                   "flops_per_action": agent.flops_per_action(), "theta_one": ones,
-                   "theta_inside": inside, "alpha": agent.log_alpha.exp().item(),
+                   "flops_per_action": agent.flops_per_action(), **theta_summary(agent),
+                   "alpha": agent.log_alpha.exp().item(),
                    **{f"loss_scale_{k}": agent.loss_scale[k].item() if k in agent.loss_scale else float("nan")
                       for k in agent.networks()},
                    **{f"alive_{k}": v for k, v in agent.alive_units().items()},
@@ -1372,8 +1376,9 @@ def pretrain_ofenet(agent: Agent, buffer: ReplayBuffer, cfg: Config, graphs: boo
 
 
 class ProgressLog:
-    """progress.csv: one row per evaluation, the header fixed by the first row. Resuming from
-    the checkpoint of step `after` keeps the rows up to it and drops any written after it."""
+    """progress.csv: one row per evaluation, the header set by the first row (and widened if a
+    resumed run logs more). Resuming from the checkpoint of step `after` keeps the rows up to it
+    and drops any written after it."""
 
     def __init__(self, path: str, after: Optional[int] = None):
         self.path, self.fields = path, None
@@ -1385,10 +1390,11 @@ class ProgressLog:
             self._write(rows, "w")
 
     def write(self, row: dict) -> None:
-        new = self.fields is None
-        if new:
-            self.fields = list(row)
-        self._write([row], "w" if new else "a")
+        if self.fields is None or set(row) - set(self.fields):
+            rows = [] if self.fields is None else list(csv.DictReader(open(self.path, newline="")))
+            self.fields = list(dict.fromkeys([*(self.fields or []), *row]))
+            return self._write(rows + [row], "w")
+        self._write([row], "a")
 
     def _write(self, rows: list[dict], mode: str) -> None:
         with user_path(self.path), open(self.path, mode, newline="") as f:
