@@ -77,11 +77,11 @@ def unit_prices(path: str, batch: int = 1024, seed: int = 0) -> dict:
     return report
 
 
-def settle(momentum: float, strength: float, updates: int, seed: int = 1, threads: int = 1) -> dict:
+def settle(momentum: float, strength: float, updates: int, gate_lr: float = 1e-3, seed: int = 1, threads: int = 1) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     np.random.seed(seed)
-    cfg = xinet.validate(xinet.Config(gate="ofenet", estimator="flip", gate_momentum=momentum,
+    cfg = xinet.validate(xinet.Config(gate="ofenet", estimator="flip", gate_momentum=momentum, gate_lr=gate_lr,
                                       prune_strength=strength, seed=seed, pretrain_steps=3000))
     env = xinet.make_env(cfg.env)
     env.action_space.seed(seed)
@@ -117,12 +117,13 @@ def main(argv=None) -> None:
     s.add_argument("--momentum", type=float, nargs="+", default=[0.9, 0.99, 0.999])
     s.add_argument("--strength", type=float, default=0.1)
     s.add_argument("--updates", type=int, default=8000)
+    s.add_argument("--gate-lr", type=float, default=1e-3)
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     if a.action == "settle":
         print("| gate momentum | units alive | theta exactly 1 | inside (0, 1) | aux MSE |\n|---|---|---|---|---|")
         for m in a.momentum:
-            r = settle(m, a.strength, a.updates)
+            r = settle(m, a.strength, a.updates, a.gate_lr)
             print(f"| {m} | {r['alive']} | {r['at_one']} | {r['inside']} | {r['aux_mse']:.5f} |", flush=True)
         return
     for path in a.resume:
