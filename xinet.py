@@ -1391,7 +1391,10 @@ class ProgressLog:
 
     def write(self, row: dict) -> None:
         if self.fields is None or set(row) - set(self.fields):
-            rows = [] if self.fields is None else list(csv.DictReader(open(self.path, newline="")))
+            rows = []
+            if self.fields is not None:
+                with user_path(self.path, "read"), open(self.path, newline="") as f:
+                    rows = list(csv.DictReader(f))
             self.fields = list(dict.fromkeys([*(self.fields or []), *row]))
             return self._write(rows + [row], "w")
         self._write([row], "a")
