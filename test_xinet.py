@@ -96,9 +96,10 @@ def test_pathwise_gradient_of_theta():
     (layer(x) * c).sum().backward()
     h = torch.tanh(layer.linear(x)).detach()
     torch.testing.assert_close(layer.theta.grad, (h * c).sum(0))  # d/dxi of the drawn network
-    flip_layer = GatedLinear(3, 5, estimator="flip").train()
+    flip_layer = GatedLinear(3, 5, activation=torch.tanh, estimator="flip").train()
     (flip_layer(x) * c).sum().backward()
-    assert flip_layer.theta.grad is None  # the flip estimator has no autograd path to theta
+    h = torch.tanh(flip_layer.linear(x)).detach()
+    torch.testing.assert_close(flip_layer.gate.grad, h * c)  # kept per example for flip_estimate
 
 
 def test_theta_is_projected_onto_unit_interval():
@@ -152,11 +153,11 @@ def estimates(layer, readout, x, per_example_loss, draws):
     for _ in range(draws):
         loss_fn = lambda: per_example_loss(readout(layer(x)).squeeze(-1))[:, None]
         losses = loss_fn()
+        layer.theta.grad = None
+        losses.mean().backward()
         if layer.estimator == "flip":
             out.append(xinet.flip_estimate([[layer]], losses, loss_fn)[layer])
         else:
-            layer.theta.grad = None
-            losses.mean().backward()
             out.append(layer.theta.grad.clone())
     g = torch.stack(out)
     return g.mean(0), g.std(0) / math.sqrt(draws)
@@ -172,6 +173,29 @@ def test_flip_estimator_is_unbiased():
     exact = exact_gradient(layer, readout, x, mse(target))
     mean, se = estimates(layer, readout, x, mse(target), draws=6000)
     assert torch.all((mean - exact).abs() < 4.5 * se + 1e-6), (mean, exact, se)
+
+
+def test_pathwise_control_variate_lowers_the_flip_variance():
+    """The same flips without the control variate (g_j = (U/B) sum_{i: j(i) = j} D_ij, written out
+    here) have several times the variance of flip_estimate on the tiny problem."""
+    layer, readout, x, target = tiny_problem("flip")
+    loss_fn = lambda: mse(target)(readout(layer(x)).squeeze(-1))[:, None]
+    layer.train()
+    with_cv, plain = [], []
+    for _ in range(2000):
+        losses = loss_fn()
+        losses.mean().backward()
+        torch.manual_seed(len(plain))  # the same j(i) for both estimators
+        with_cv.append(xinet.flip_estimate([[layer]], losses, loss_fn)[layer])
+        torch.manual_seed(len(plain))
+        pick = torch.randint(4, (8, 1)) == torch.arange(4)   # (B, U) the unit each example flips
+        layer.flip = pick
+        with torch.no_grad():
+            D = (2.0 * layer.xi - 1) * (losses - loss_fn())  # (B, U) exact where flipped
+        layer.flip = None
+        plain.append((D * pick).sum(0) * 4 / 8)
+    ratio = torch.stack(plain).var(0) / torch.stack(with_cv).var(0)
+    assert torch.all(ratio > 4), ratio
 
 
 def test_pathwise_is_exact_when_loss_is_linear_in_each_gate():
@@ -202,9 +226,9 @@ def settled_fraction(momentum: float, steps: int = 2500, units: int = 64, batch:
         hidden.train()
         per_example = lambda: (out(hidden(X[i])) - Y[i]).pow(2)  # (B, 1)
         losses = per_example()
-        grad = xinet.flip_estimate([[hidden]], losses, per_example)[hidden] / losses.mean().detach()
         opt.zero_grad()
-        losses.mean().backward(inputs=weights)
+        losses.mean().backward(inputs=weights + [hidden.theta])
+        grad = xinet.flip_estimate([[hidden]], losses, per_example)[hidden] / losses.mean().detach()
         cost = torch.autograd.grad(xinet.expected_params(wiring) / dense, hidden.theta)[0]
         hidden.theta.grad = grad + 0.05 * cost
         before = [hidden.theta.detach().clone()]
@@ -221,7 +245,7 @@ def test_gate_momentum_lets_theta_settle_at_one():
     lets the gates of useful units sit exactly at 1."""
     assert small_agent().gate_opt.param_groups[0]["betas"][0] == Config().gate_momentum == 0.999
     low, high = settled_fraction(0.9), settled_fraction(0.999)
-    assert low < 0.5 and high > 0.7, (low, high)
+    assert low < 0.6 and high > 0.8, (low, high)
 
 
 def test_pathwise_bias_on_squared_error_is_measured_and_bounded():

@@ -218,10 +218,10 @@ class GatedLinear(nn.Module):
       eval():  everywhere else: the mean gate, y = theta * act(BN(W x + b)).
     At theta in {0, 1} the two agree.
 
-    Gradient of theta in a training pass (Eq. 5, 6):
-      pathwise: the drawn xi acts as xi + theta - stopgrad(theta), so autograd gives dloss/dxi;
-      flip:     no autograd gradient; `flip_estimate` sets theta.grad from one extra forward
-                pass with one gate per example flipped (set `self.flip` for that pass).
+    Gradient of theta in a training pass (Eq. 5, 6): the drawn xi acts as xi + theta - stopgrad(theta),
+    so autograd gives theta the pathwise gradient sum_i dloss/dxi_i (Eq. 5). The flip estimator keeps
+    each example's dloss/dxi (`self.gate.grad`) and `flip_estimate` corrects the pathwise gradient's
+    bias from one extra forward pass with one gate per example flipped (`self.flip` for that pass).
     With gated=False this is a plain linear layer (+BN, activation): no theta, no gate.
     """
 
@@ -235,6 +235,7 @@ class GatedLinear(nn.Module):
         self.theta = nn.Parameter(torch.ones(out_features)) if gated else None
         self.estimator, self.min_units = estimator, min_units
         self.xi: Optional[torch.Tensor] = None    # (B, out) bool gates of the last training pass
+        self.gate: Optional[torch.Tensor] = None  # (B, out) the same as a differentiable tensor
         self.flip: Optional[torch.Tensor] = None  # (B, out) bool: gates to flip in a replay pass
         self._batch_stats = None                  # BN mean/var of the last training pass
 
@@ -270,9 +271,10 @@ class GatedLinear(nn.Module):
         if self.flip is not None:
             return h * (self.xi ^ self.flip)
         self.xi = torch.rand_like(h) < self.theta.detach()  # (B, out) bool
-        if self.estimator == "pathwise":
-            return h * (self.xi + self.theta - self.theta.detach())
-        return h * self.xi
+        self.gate = self.xi + self.theta - self.theta.detach()  # value xi, d/dtheta_j = sum_i d/dxi_ij
+        if self.estimator == "flip" and self.gate.requires_grad:
+            self.gate.retain_grad()  # per-example dloss/dxi: the control variate of flip_estimate
+        return h * self.gate
 
     @torch.no_grad()
     def shrink(self, keep_out: Optional[torch.Tensor] = None, keep_in: Optional[torch.Tensor] = None,
@@ -309,7 +311,7 @@ class GatedLinear(nn.Module):
                 self.bn.running_var = self.bn.running_var[index]
                 self.bn.num_features = len(index)
             self.linear.out_features = len(index)
-            self.xi = self.flip = self._batch_stats = None
+            self.xi = self.gate = self.flip = self._batch_stats = None
 
 
 def weights(module: nn.Module) -> list[nn.Parameter]:
@@ -325,15 +327,19 @@ def gated_layers(module: nn.Module) -> list[GatedLinear]:
 @torch.no_grad()
 def flip_estimate(groups: list[list[GatedLinear]], losses: torch.Tensor,
                   replay: Callable[[], torch.Tensor]) -> dict[GatedLinear, torch.Tensor]:
-    """Unbiased dE[L]/dtheta, L = mean_i loss_i, by flipping one gate per example.      (Eq. 6)
+    """Unbiased dE[L]/dtheta, L = mean_i loss_i: the pathwise gradient plus a flip correction. (Eq. 6)
 
-    Exactly, dE[L]/dtheta_j = E[L | xi_j = 1] - E[L | xi_j = 0]. Each example i flips one unit
-    j(i), drawn uniformly from its group's U units, and is evaluated again (`replay`, all else
-    equal); then
-        g_j = (U / B) * sum_{i: j(i) = j} (2 xi_ij - 1) * (loss_i - loss_i^flip).
-    Groups are separable parts of the loss (the twin critics): column k of `losses` (B, G)
-    depends only on group k's gates, so every group flips one unit per example in one replay.
-    Call after the main training pass (its xi are used) and before the weights change.
+    Exactly, dE[L]/dtheta_j = E[D_ij], D_ij = loss_i(xi_ij = 1) - loss_i(xi_ij = 0), all else equal.
+    Its first-order part d_ij = dloss_i/dxi_ij is known for every example and unit from the main
+    pass's backward (B * gate.grad). Each example i flips one unit j(i), drawn uniformly from its
+    group's U units, and is evaluated again (`replay`): D_ij = (2 xi_ij - 1)(loss_i - loss_i^flip)
+    for that unit. Then
+        g_j = (1/B) sum_i d_ij + (U/B) sum_{i: j(i) = j} (D_ij - d_ij),
+    unbiased since E over j(i) of the second sum is (1/B) sum_i (D_ij - d_ij). With d as control
+    variate the flips only estimate what the linearisation misses: the variance falls from about
+    (U/B) E[D^2] to (U/B) E[(D - d)^2]. Groups are separable parts of the loss (the twin critics):
+    column k of `losses` (B, G) depends only on group k's gates, so every group flips one unit per
+    example in one replay. Call after the main pass's backward and before the weights change.
     """
     B = losses.shape[0]
     groups = [[layer for layer in group if layer.out_features] for group in groups]
@@ -357,8 +363,9 @@ def flip_estimate(groups: list[list[GatedLinear]], losses: torch.Tensor,
     grads = {}
     for k, (group, U) in enumerate(zip(groups, units)):
         for layer in group:
-            signed = (2.0 * layer.xi - 1.0) * flips[layer]          # (B, n)
-            grads[layer] = (delta[:, k:k + 1] * signed).sum(0) * (U / B)
+            d = layer.gate.grad * B                                  # (B, n) dloss_i/dxi_ij
+            D = (2.0 * layer.xi - 1.0) * delta[:, k:k + 1]           # (B, n) exact where flipped
+            grads[layer] = d.mean(0) + ((D - d) * flips[layer]).sum(0) * (U / B)
     return grads
 
 
@@ -793,15 +800,15 @@ def train_network(agent: Agent, key: str, net: nn.Module, optimizer: torch.optim
     loss = losses.sum(-1).mean()
     s = loss_scale(agent, key, losses.sum(-1))
     layers = gated_layers(net) if gates_on else []
-    flip = layers and agent.cfg.estimator == "flip"
-    flip_grads = flip_estimate(groups or [layers], losses, per_example_loss) if flip else None
-    pathwise = [layer.theta for layer in layers] if layers and not flip else []
     optimizer.zero_grad(set_to_none=True)
-    loss.backward(inputs=weights(net) + pathwise)
+    loss.backward(inputs=weights(net) + [layer.theta for layer in layers])  # theta: pathwise (Eq. 5)
+    if layers and agent.cfg.estimator == "flip":
+        for layer, grad in flip_estimate(groups or [layers], losses, per_example_loss).items():
+            layer.theta.grad = grad
     optimizer.step()
     for layer in layers:  # a layer pruned to width 0 has no gradient
-        grad = flip_grads.get(layer) if flip else layer.theta.grad
-        layer.theta.grad = torch.zeros_like(layer.theta) if grad is None else grad
+        if layer.theta.grad is None:
+            layer.theta.grad = torch.zeros_like(layer.theta)
     if layers:
         torch._foreach_div_([layer.theta.grad for layer in layers], s)
     net.eval()
