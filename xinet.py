@@ -337,9 +337,10 @@ def flip_estimate(groups: list[list[GatedLinear]], losses: torch.Tensor,
         g_j = (1/B) sum_i d_ij + (U/B) sum_{i: j(i) = j} (D_ij - d_ij),
     unbiased since E over j(i) of the second sum is (1/B) sum_i (D_ij - d_ij). With d as control
     variate the flips only estimate what the linearisation misses: the variance falls from about
-    (U/B) E[D^2] to (U/B) E[(D - d)^2]. Groups are separable parts of the loss (the twin critics):
-    column k of `losses` (B, G) depends only on group k's gates, so every group flips one unit per
-    example in one replay. Call after the main pass's backward and before the weights change.
+    (U/B) E[D^2] to (U/B) E[(D - d)^2]. Called before any backward pass, d = 0: plain flips.
+    Groups are separable parts of the loss (the twin critics): column k of `losses` (B, G)
+    depends only on group k's gates, so every group flips one unit per example in one replay.
+    Call after the main pass (and its backward) and before the weights change.
     """
     B = losses.shape[0]
     groups = [[layer for layer in group if layer.out_features] for group in groups]
@@ -363,8 +364,8 @@ def flip_estimate(groups: list[list[GatedLinear]], losses: torch.Tensor,
     grads = {}
     for k, (group, U) in enumerate(zip(groups, units)):
         for layer in group:
-            d = layer.gate.grad * B                                  # (B, n) dloss_i/dxi_ij
             D = (2.0 * layer.xi - 1.0) * delta[:, k:k + 1]           # (B, n) exact where flipped
+            d = torch.zeros_like(D) if layer.gate.grad is None else layer.gate.grad * B  # dloss_i/dxi_ij
             grads[layer] = d.mean(0) + ((D - d) * flips[layer]).sum(0) * (U / B)
     return grads
 
