@@ -2,17 +2,20 @@
 
     python gates.py price runs/hopper/dense/seed1/resume.pt   # each unit's break-even gamma
     python gates.py settle --momentum 0.9 0.99 0.999           # OFENet alone: theta exactly at 1?
+    python gates.py settle --plain                              # the same with plain flips
 
 `price` loads a run's resume.pt (agent and replay buffer; a dense agent gets gates at theta = 1)
 and removes one unit at a time from every example of a batch of 1,024 transitions: the exact
 flip estimate of dE[loss]/dtheta_j (Eq. 6). Divided by s_N and by the unit's cost dP/dtheta_j /
 P(1) (Eq. 4), it is the gamma at which the unit's price equals its value: under a larger gamma
 the unit starts to leave. It prints the quantiles per network, for the actor with and without
-the per-state centring of its loss, and the size of each network's loss three ways.
+the per-state centring of its loss, the size of each network's loss three ways, and how much
+the pathwise control variate lowers the variance of one training step's flip estimate (the
+median unit; from the exact differences and their linearisation on those transitions).
 
 `settle` trains OFENet's gates alone (the actor and critics ungated) on 30,000 random-action
-Hopper transitions with the flip estimator, for each Adam momentum (beta1) of the gate step, and
-reports how many surviving theta sit exactly at 1.
+Hopper transitions with the flip estimator (`--plain`: without its control variate), for each
+Adam momentum (beta1) of the gate step, and reports how many surviving theta sit exactly at 1.
 """
 from __future__ import annotations
 
@@ -61,23 +64,47 @@ def unit_prices(path: str, batch: int = 1024, seed: int = 0) -> dict:
     for name, (net, loss) in losses.items():
         net.train()
         torch.manual_seed(seed + 1)
-        base = loss()  # (B,) with gates drawn at theta
-        prices = []
-        for layer in xinet.gated_layers(net):
+        layers = xinet.gated_layers(net)
+        with torch.enable_grad():
+            base = loss()  # (B,) with gates drawn at theta
+            base.sum().backward(inputs=[layer.theta for layer in layers])  # gate.grad: d_ij
+        prices, D, d = [], [], []
+        for layer in layers:
+            layer.flip = torch.zeros_like(layer.xi)  # every layer replays its own draw
+        for layer in layers:
             for j in range(layer.out_features):
-                layer.flip = torch.zeros_like(layer.xi)
                 layer.flip[:, j] = True
-                value = ((2.0 * layer.xi[:, j] - 1) * (loss() - base)).mean()  # E[l | xi_j = 0] - E[l | xi_j = 1]
-                layer.flip = None
-                prices.append(float(value / base.abs().mean() / cost[layer][j]))
+                D.append((2.0 * layer.xi[:, j] - 1) * (base - loss()))  # (B,) l(xi_j = 1) - l(xi_j = 0)
+                layer.flip[:, j] = False
+                d.append(layer.gate.grad[:, j])
+                prices.append(float(-D[-1].mean() / base.abs().mean() / cost[layer][j]))
+        for layer in layers:
+            layer.flip = None
         net.eval()
+        D, d = torch.stack(D, 1), torch.stack(d, 1)  # (B, U): exact differences, their linearisation
+        U, b = D.shape[1], agent.cfg.batch_size
+        plain = U / b * D.pow(2).mean(0)  # variance of one step's estimate, per unit
+        with_cv = d.var(0) / b + U / b * (D - d).pow(2).mean(0)
         report[name] = {"mean |loss|": float(base.abs().mean()), "|mean loss|": float(base.mean().abs()),
                         "std loss": float(base.std()),
-                        **{f"q{int(q * 100)}": float(np.quantile(prices, q)) for q in (0.1, 0.25, 0.5, 0.75, 0.9)}}
+                        **{f"q{int(q * 100)}": float(np.quantile(prices, q)) for q in (0.1, 0.25, 0.5, 0.75, 0.9)},
+                        "variance ratio": float((plain / with_cv)[D.abs().sum(0) > 0].median())}
     return report
 
 
-def settle(momentum: float, strength: float, updates: int, gate_lr: float = 1e-3, seed: int = 1, threads: int = 1) -> dict:
+def plain_flips(groups, losses, replay):
+    """flip_estimate without its control variate: as if called before the backward pass."""
+    for layer in (layer for group in groups for layer in group):
+        layer.gate.grad = None
+    return FLIP_ESTIMATE(groups, losses, replay)
+
+
+FLIP_ESTIMATE = xinet.flip_estimate
+
+
+def settle(momentum: float, strength: float, updates: int, gate_lr: float = 1e-3, seed: int = 1,
+           threads: int = 1, control_variate: bool = True) -> dict:
+    xinet.flip_estimate = FLIP_ESTIMATE if control_variate else plain_flips
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -118,19 +145,20 @@ def main(argv=None) -> None:
     s.add_argument("--strength", type=float, default=0.1)
     s.add_argument("--updates", type=int, default=8000)
     s.add_argument("--gate-lr", type=float, default=1e-3)
+    s.add_argument("--plain", action="store_true", help="plain flips, without the control variate")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     if a.action == "settle":
         print("| gate momentum | units alive | theta exactly 1 | inside (0, 1) | aux MSE |\n|---|---|---|---|---|")
         for m in a.momentum:
-            r = settle(m, a.strength, a.updates, a.gate_lr)
+            r = settle(m, a.strength, a.updates, a.gate_lr, control_variate=not a.plain)
             print(f"| {m} | {r['alive']} | {r['at_one']} | {r['inside']} | {r['aux_mse']:.5f} |", flush=True)
         return
     for path in a.resume:
         r = unit_prices(path)
         print(f"{path}: step {r.pop('step'):,}, last evaluation {r.pop('last_eval'):.0f}\n"
-              "| network | mean abs loss | abs mean loss | std loss | break-even gamma: 10% | 25% | 50% | 75% | 90% |\n"
-              "|---|---|---|---|---|---|---|---|---|")
+              "| network | mean abs loss | abs mean loss | std loss | break-even gamma: 10% | 25% | 50% | 75% | 90% "
+              "| flip variance, plain / control variate |\n|---|---|---|---|---|---|---|---|---|---|")
         for name, q in r.items():
             print(f"| {name} | " + " | ".join(f"{v:.4g}" for v in q.values()) + " |", flush=True)
 
