@@ -909,16 +909,17 @@ def test_sweep_runs_skips_finished_and_aggregates(tmp_path, monkeypatch, capsys)
     tiny = ("--no-gates --ofe-layers 1 --ofe-units 4 --hidden 16 --learning-starts 200 --pretrain-steps 20 "
             "--eval-every 200 --eval-episodes 1 --batch-size 32 --log-every 200")
     monkeypatch.setitem(sweep.GRIDS, "tiny", sweep.Grid({"a": tiny, "b": tiny + " --no-ofenet"}, seeds=(1, 2),
-                                                        steps=600))
+                                                        fewer_seeds={"b": (2,)}, steps=600))
     runs, results = str(tmp_path / "runs"), str(tmp_path / "results")
     assert sweep.main(["run", "tiny", "--runs", runs, "--results", results]) == 0
     assert sweep.command(runs, "tiny", "a", 1) == []  # finished: nothing left to run
     with open(os.path.join(results, "tiny_summary.csv")) as f:
         summary = list(csv.DictReader(f))
     assert [(r["config"], r["seed"]) for r in summary] == [("a", "1"), ("a", "2"), ("a", "mean of 2"),
-                                                           ("b", "1"), ("b", "2"), ("b", "mean of 2")]
+                                                           ("b", "2"), ("b", "mean of 1")]
+    assert not os.path.exists(os.path.join(runs, "tiny", "b", "seed1"))  # b runs on seed 2 only
     for cfg in "ab":
-        per_seed = [float(r["eval_return"]) for r in summary if r["config"] == cfg][:2]
+        per_seed = [float(r["eval_return"]) for r in summary if r["config"] == cfg and r["seed"].isdigit()]
         mean = next(r for r in summary if r["config"] == cfg and r["seed"].startswith("mean"))
         assert float(mean["eval_return"]) == pytest.approx(np.mean(per_seed))
         assert float(mean["eval_return_lo"]) <= float(mean["eval_return"]) <= float(mean["eval_return_hi"])
