@@ -33,10 +33,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 @dataclass
 class Grid:
     configs: dict[str, str]
-    """configuration name -> xinet.py flags; {runs} and {seed} are filled in (for --arch-from)"""
+    """configuration name -> xinet.py flags"""
     seeds: tuple[int, ...] = (1, 2, 3)
     fewer_seeds: dict[str, tuple[int, ...]] = field(default_factory=dict)
     """configurations run on a subset of the seeds (e.g. a frontier of prices) -> their seeds"""
+    arch_from: dict[str, str] = field(default_factory=dict)
+    """configurations that train another's final architecture from scratch -> that configuration
+    (`--arch-from` its run of the same seed; they start once that run has finished)"""
     env: str = "Hopper-v4"
     steps: int = 100_000
     common: str = field(default="")
@@ -70,18 +73,29 @@ def progress(path: str) -> list[dict]:
         return []
 
 
-def command(runs: str, grid: str, config: str, seed: int) -> list[str]:
-    """The xinet.py command that brings this run to its total steps, or [] when it is there."""
+def finished(path: str, steps: int) -> bool:
+    rows = progress(path)
+    return bool(rows) and int(rows[-1]["step"]) >= steps
+
+
+def command(runs: str, grid: str, config: str, seed: int) -> list[str] | None:
+    """The xinet.py command that brings this run to its total steps: [] when it is there, None
+    while the run whose architecture it trains (arch_from) has not finished."""
     g, out = GRIDS[grid], run_dir(runs, grid, config, seed)
-    rows = progress(out)
-    if rows and int(rows[-1]["step"]) >= g.steps:
+    if finished(out, g.steps):
         return []
+    arch = []
+    if config in g.arch_from:
+        source = run_dir(runs, grid, g.arch_from[config], seed)
+        if not finished(source, g.steps):
+            return None
+        arch = ["--arch-from", os.path.join(source, "agent.pt")]
     head = [sys.executable, os.path.join(HERE, "xinet.py")]
     tail = ["--total-steps", str(g.steps), "--threads", "1"]
     if os.path.exists(os.path.join(out, "resume.pt")):
         return head + ["--resume", out] + tail
-    flags = f"--env {g.env} --seed {seed} {g.common} {g.configs[config]}".format(runs=runs, seed=seed)
-    return head + shlex.split(flags) + tail + ["--out", out]
+    flags = f"--env {g.env} --seed {seed} {g.common} {g.configs[config]}"
+    return head + shlex.split(flags) + arch + tail + ["--out", out]
 
 
 def run_one(runs: str, grid: str, config: str, seed: int) -> int:
@@ -94,6 +108,8 @@ def run_one(runs: str, grid: str, config: str, seed: int) -> int:
             print(f"{grid}/{config}/seed{seed}: running in another process, skipped", flush=True)
             return 0
         cmd = command(runs, grid, config, seed)
+        if cmd is None:
+            print(f"{grid}/{config}/seed{seed}: waits for {GRIDS[grid].arch_from[config]}/seed{seed} to finish", flush=True)
         if not cmd:
             return 0
         print(f"{grid}/{config}/seed{seed}: {shlex.join(cmd[1:])}", flush=True)
@@ -220,18 +236,21 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     g = GRIDS[a.grid]
     todo = [(c, s) for s in g.seeds for c in g.configs if s in g.seeds_of(c)]  # every config gets seed 1 first
+    phases = [[cs for cs in todo if cs[0] not in g.arch_from], [cs for cs in todo if cs[0] in g.arch_from]]
     if a.action == "one":
         if a.config not in g.configs or a.seed is None:
             p.error(f"one takes a configuration of {a.grid} ({', '.join(g.configs)}) and a seed")
         return run_one(a.runs, a.grid, a.config, a.seed)
     if a.action == "commands":
-        for c, s in todo:
+        for c, s in phases[0] + phases[1]:
             if command(a.runs, a.grid, c, s):
                 print(shlex.join(["python", os.path.relpath(__file__), "one", a.grid, c, str(s), "--runs", os.path.relpath(a.runs)]))
         return 0
     if a.action == "run":
-        with ThreadPoolExecutor(a.jobs) as pool:
-            codes = list(pool.map(lambda cs: run_one(a.runs, a.grid, *cs), todo))
+        codes = []
+        for phase in phases:  # the architectures trained from scratch once their sources have finished
+            with ThreadPoolExecutor(a.jobs) as pool:
+                codes += pool.map(lambda cs: run_one(a.runs, a.grid, *cs), phase)
         if any(codes):
             print(f"sweep: {sum(1 for c in codes if c)} run(s) failed; see their stdout.log", file=sys.stderr)
             return 1

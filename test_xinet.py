@@ -908,15 +908,20 @@ def test_sweep_runs_skips_finished_and_aggregates(tmp_path, monkeypatch, capsys)
     import sweep
     tiny = ("--no-gates --ofe-layers 1 --ofe-units 4 --hidden 16 --learning-starts 200 --pretrain-steps 20 "
             "--eval-every 200 --eval-episodes 1 --batch-size 32 --log-every 200")
-    monkeypatch.setitem(sweep.GRIDS, "tiny", sweep.Grid({"a": tiny, "b": tiny + " --no-ofenet"}, seeds=(1, 2),
-                                                        fewer_seeds={"b": (2,)}, steps=600))
+    monkeypatch.setitem(sweep.GRIDS, "tiny", sweep.Grid({"a": tiny, "b": tiny + " --no-ofenet", "c": tiny},
+                                                        seeds=(1, 2), fewer_seeds={"b": (2,), "c": (1,)},
+                                                        arch_from={"c": "a"}, steps=600))
     runs, results = str(tmp_path / "runs"), str(tmp_path / "results")
+    assert sweep.command(runs, "tiny", "c", 1) is None  # waits for a/seed1, whose architecture it trains
     assert sweep.main(["run", "tiny", "--runs", runs, "--results", results]) == 0
     assert sweep.command(runs, "tiny", "a", 1) == []  # finished: nothing left to run
+    with open(os.path.join(runs, "tiny", "c", "seed1", "config.json")) as f:
+        assert json.load(f)["arch_from"] == os.path.join(runs, "tiny", "a", "seed1", "agent.pt")
     with open(os.path.join(results, "tiny_summary.csv")) as f:
         summary = list(csv.DictReader(f))
     assert [(r["config"], r["seed"]) for r in summary] == [("a", "1"), ("a", "2"), ("a", "mean of 2"),
-                                                           ("b", "2"), ("b", "mean of 1")]
+                                                           ("b", "2"), ("b", "mean of 1"),
+                                                           ("c", "1"), ("c", "mean of 1")]
     assert not os.path.exists(os.path.join(runs, "tiny", "b", "seed1"))  # b runs on seed 2 only
     for cfg in "ab":
         per_seed = [float(r["eval_return"]) for r in summary if r["config"] == cfg and r["seed"].isdigit()]
