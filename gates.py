@@ -92,14 +92,14 @@ def unit_prices(path: str, batch: int = 1024, seed: int = 0) -> dict:
     return report
 
 
+FLIP_ESTIMATE = xinet.flip_estimate
+
+
 def plain_flips(groups, losses, replay):
     """flip_estimate without its control variate: as if called before the backward pass."""
     for layer in (layer for group in groups for layer in group):
         layer.gate.grad = None
     return FLIP_ESTIMATE(groups, losses, replay)
-
-
-FLIP_ESTIMATE = xinet.flip_estimate
 
 
 def settle(momentum: float, strength: float, updates: int, gate_lr: float = 1e-3, seed: int = 1,
