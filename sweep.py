@@ -182,10 +182,11 @@ def print_table(summary: list[dict]) -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for s in summary:
         cell = lambda k, f: ("–" if np.isnan(s[k]) else f"{s[k]:{f}} [{s[k + '_lo']:{f}}, {s[k + '_hi']:{f}}]"
-                             if f"{k}_lo" in s else f"{s[k]:{f}}")
+                             if s.get(f"{k}_lo", s[k]) != s.get(f"{k}_hi", s[k]) else f"{s[k]:{f}}")  # no interval: one value
+        gates = "| – | – | –" if np.isnan(s["theta_settled"]) else \
+            f"| {cell('theta_one', '.0f')} | {cell('theta_inside', '.0f')} | {cell('theta_settled', '.0%')}"
         print(f"| {s['config']} | {s['seed']} | {cell('train_return', '.0f')} | {cell('eval_return', '.0f')} | "
-              f"{cell('params', ',.0f')} | {cell('flops_per_action', ',.0f')} | {cell('theta_one', '.0f')} | "
-              f"{cell('theta_inside', '.0f')} | {cell('theta_settled', '.0%')} |")
+              f"{cell('params', ',.0f')} | {cell('flops_per_action', ',.0f')} {gates} |")
 
 
 def plot(curves: list[dict], summary: list[dict], g: Grid, path: str) -> None:
