@@ -168,7 +168,43 @@ def report(runs: str, grid: str, results: str) -> None:
     write_csv(os.path.join(results, f"{grid}.csv"), curves)
     write_csv(os.path.join(results, f"{grid}_summary.csv"), summary)
     print_table(summary)
+    pairs = paired(summary, g)
+    if pairs:
+        write_csv(os.path.join(results, f"{grid}_paired.csv"), pairs)
+        print_pairs(pairs)
     plot(curves, summary, g, os.path.join(results, f"{grid}.png"))
+
+
+def paired(summary: list[dict], g: Grid) -> list[dict]:
+    """Each arch_from configuration against the run whose final architecture it trains from
+    scratch, seed by seed, and the difference pruned - from scratch as a mean over seeds with a
+    95% bootstrap interval: pairing by seed removes the spread the two runs share."""
+    runs = {(s["config"], s["seed"]): s for s in summary if isinstance(s["seed"], int)}
+    rows = []
+    for small, source in g.arch_from.items():
+        pairs = [{"pruned": source, "from_scratch": small, "seed": seed,
+                  **{f"{k}_{side}": runs[c, seed][k] for k in PAIRED for side, c in (("pruned", source), ("from_scratch", small))},
+                  **{f"{k}_diff": runs[source, seed][k] - runs[small, seed][k] for k in PAIRED}}
+                 for c, seed in runs if c == small and (source, seed) in runs]
+        if pairs:
+            mean = {k: float(np.mean([p[k] for p in pairs])) for k in pairs[0] if k.endswith(("_pruned", "_from_scratch"))}
+            for k in PAIRED:
+                mean[f"{k}_diff"], mean[f"{k}_diff_lo"], mean[f"{k}_diff_hi"] = bootstrap([p[f"{k}_diff"] for p in pairs])
+            rows += pairs + [{"pruned": source, "from_scratch": small, "seed": f"mean of {len(pairs)}", **mean}]
+    return rows
+
+
+PAIRED = ("train_return", "eval_return")
+
+
+def print_pairs(pairs: list[dict]) -> None:
+    print("\n| pruned | from scratch | seed | train return: pruned | from scratch | difference "
+          "| final eval: pruned | from scratch | difference |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in pairs:
+        interval = lambda k: f" [{r[k + '_diff_lo']:+.0f}, {r[k + '_diff_hi']:+.0f}]" if r.get(k + "_diff_lo", 0) != r.get(k + "_diff_hi", 0) else ""
+        cells = [f"{r[k + '_pruned']:.0f} | {r[k + '_from_scratch']:.0f} | {r[k + '_diff']:+.0f}{interval(k)}" for k in PAIRED]
+        print(f"| {r['pruned']} | {r['from_scratch']} | {r['seed']} | {' | '.join(cells)} |")
 
 
 def write_csv(path: str, rows: list[dict]) -> None:

@@ -930,6 +930,11 @@ def test_sweep_runs_skips_finished_and_aggregates(tmp_path, monkeypatch, capsys)
         assert float(mean["eval_return_lo"]) <= float(mean["eval_return"]) <= float(mean["eval_return_hi"])
     assert os.path.getsize(os.path.join(results, "tiny.png")) > 10_000
     assert "| a | mean of 2 |" in capsys.readouterr().out  # the printed table
+    with open(os.path.join(results, "tiny_paired.csv")) as f:  # c against a, the run it copies
+        pairs = list(csv.DictReader(f))
+    assert [(r["pruned"], r["from_scratch"], r["seed"]) for r in pairs] == [("a", "c", "1"), ("a", "c", "mean of 1")]
+    one = {(r["config"], r["seed"]): float(r["train_return"]) for r in summary}
+    assert float(pairs[0]["train_return_diff"]) == pytest.approx(one["a", "1"] - one["c", "1"])
     assert sweep.main(["commands", "tiny", "--runs", runs]) == 0 and capsys.readouterr().out == ""
     import fcntl
     monkeypatch.setattr(sweep.GRIDS["tiny"], "steps", 800)  # a is unfinished again, but running elsewhere
