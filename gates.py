@@ -11,7 +11,10 @@ P(1) (Eq. 4), it is the gamma at which the unit's price equals its value: under 
 the unit starts to leave. It prints the quantiles per network, for the actor with and without
 the per-state centring of its loss, the size of each network's loss three ways, and how much
 the pathwise control variate lowers the variance of one training step's flip estimate (the
-median unit; from the exact differences and their linearisation on those transitions).
+median unit; from the exact differences and their linearisation on those transitions). For a
+gated run, the last two columns say how near break-even its units are at the run's gamma: each
+unit's value minus its price, in standard errors of its value on that batch, as a median over
+the units at theta = 1 and over those still inside (0, 1).
 
 `settle` trains OFENet's gates alone (the actor and critics ungated) on 30,000 random-action
 Hopper transitions with the flip estimator (`--plain`: without its control variate), for each
@@ -61,6 +64,7 @@ def unit_prices(path: str, batch: int = 1024, seed: int = 0) -> dict:
         cost = torch.autograd.grad(agent.expected_params() / agent.dense_params, agent.thetas())
     cost = dict(zip(agent.gated(), cost))
     report = {"step": loop["step"], "last_eval": loop["last_eval"]}
+    gamma = saved["config"]["prune_strength"] if saved["config"]["gates"] else 0.0
     for name, (net, loss) in losses.items():
         net.train()
         torch.manual_seed(seed + 1)
@@ -68,7 +72,7 @@ def unit_prices(path: str, batch: int = 1024, seed: int = 0) -> dict:
         with torch.enable_grad():
             base = loss()  # (B,) with gates drawn at theta
             base.sum().backward(inputs=[layer.theta for layer in layers])  # gate.grad: d_ij
-        prices, D, d = [], [], []
+        prices, D, d, z, at_one = [], [], [], [], []
         for layer in layers:
             layer.flip = torch.zeros_like(layer.xi)  # every layer replays its own draw
         for layer in layers:
@@ -78,6 +82,9 @@ def unit_prices(path: str, batch: int = 1024, seed: int = 0) -> dict:
                 layer.flip[:, j] = False
                 d.append(layer.gate.grad[:, j])
                 prices.append(float(-D[-1].mean() / base.abs().mean() / cost[layer][j]))
+                gap = -D[-1].mean() - gamma * cost[layer][j] * base.abs().mean()  # value - price, loss units
+                z.append(float(gap / (D[-1].std() / len(base) ** 0.5)))  # ... in standard errors
+                at_one.append(bool(layer.theta[j] == 1))
         for layer in layers:
             layer.flip = None
         net.eval()
@@ -88,7 +95,9 @@ def unit_prices(path: str, batch: int = 1024, seed: int = 0) -> dict:
         report[name] = {"mean |loss|": float(base.abs().mean()), "|mean loss|": float(base.mean().abs()),
                         "std loss": float(base.std()),
                         **{f"q{int(q * 100)}": float(np.quantile(prices, q)) for q in (0.1, 0.25, 0.5, 0.75, 0.9)},
-                        "variance ratio": float((plain / with_cv)[D.abs().sum(0) > 0].median())}
+                        "variance ratio": float((plain / with_cv)[D.abs().sum(0) > 0].median()),
+                        **{f"net/SE {k}": float(np.median([v for v, one in zip(z, at_one) if one == (k == "at 1")] or np.nan))
+                           for k in ("at 1", "inside")}}
     return report
 
 
@@ -158,7 +167,8 @@ def main(argv=None) -> None:
         r = unit_prices(path)
         print(f"{path}: step {r.pop('step'):,}, last evaluation {r.pop('last_eval'):.0f}\n"
               "| network | mean abs loss | abs mean loss | std loss | break-even gamma: 10% | 25% | 50% | 75% | 90% "
-              "| flip variance, plain / control variate |\n|---|---|---|---|---|---|---|---|---|---|")
+              "| flip variance, plain / control variate | (value - price) / SE, median: theta at 1 | inside (0, 1) |"
+              "\n|---|---|---|---|---|---|---|---|---|---|---|---|")
         for name, q in r.items():
             print(f"| {name} | " + " | ".join(f"{v:.4g}" for v in q.values()) + " |", flush=True)
 

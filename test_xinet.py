@@ -646,10 +646,11 @@ def test_gates_price_table(e2e_runs, capsys):
     rows = [[c.strip() for c in l.split("|")[1:-1]] for l in capsys.readouterr().out.splitlines()
             if l.startswith("| ") and not l.startswith("| network")]
     assert [r[0] for r in rows] == ["actor", "actor, uncentred", "critic", "ofenet"]
-    for name, mean_abs, abs_mean, std, *quantiles, variance_ratio in rows:
+    for name, mean_abs, abs_mean, std, *quantiles, variance_ratio, gap_one, gap_inside in rows:
         assert float(mean_abs) >= float(abs_mean) and float(std) > 0
         assert [float(q) for q in quantiles] == sorted(float(q) for q in quantiles), name
         assert 0 < float(variance_ratio) < math.inf, name
+        assert math.isfinite(float(gap_one)) or math.isfinite(float(gap_inside)), name  # a gated run
 
 
 def test_exported_policy_runs_in_a_process_with_only_torch(e2e_runs, tmp_path):
