@@ -72,7 +72,7 @@ def unit_prices(path: str, batch: int = 1024, seed: int = 0) -> dict:
         with torch.enable_grad():
             base = loss()  # (B,) with gates drawn at theta
             base.sum().backward(inputs=[layer.theta for layer in layers])  # gate.grad: d_ij
-        prices, D, d, z, at_one = [], [], [], [], []
+        prices, D, d, z, at_one, size = [], [], [], [], [], base.abs().mean()
         for layer in layers:
             layer.flip = torch.zeros_like(layer.xi)  # every layer replays its own draw
         for layer in layers:
@@ -81,8 +81,8 @@ def unit_prices(path: str, batch: int = 1024, seed: int = 0) -> dict:
                 D.append((2.0 * layer.xi[:, j] - 1) * (base - loss()))  # (B,) l(xi_j = 1) - l(xi_j = 0)
                 layer.flip[:, j] = False
                 d.append(layer.gate.grad[:, j])
-                prices.append(float(-D[-1].mean() / base.abs().mean() / cost[layer][j]))
-                gap = -D[-1].mean() - gamma * cost[layer][j] * base.abs().mean()  # value - price, loss units
+                prices.append(float(-D[-1].mean() / size / cost[layer][j]))
+                gap = -D[-1].mean() - gamma * cost[layer][j] * size  # value - price, loss units
                 z.append(float(gap / (D[-1].std() / len(base) ** 0.5)))  # ... in standard errors
                 at_one.append(bool(layer.theta[j] == 1))
         for layer in layers:

@@ -175,6 +175,9 @@ def report(runs: str, grid: str, results: str) -> None:
     plot(curves, summary, g, os.path.join(results, f"{grid}.png"))
 
 
+PAIRED = ("train_return", "eval_return")
+
+
 def paired(summary: list[dict], g: Grid) -> list[dict]:
     """Each arch_from configuration against the run whose final architecture it trains from
     scratch, seed by seed, and the difference pruned - from scratch as a mean over seeds with a
@@ -192,9 +195,6 @@ def paired(summary: list[dict], g: Grid) -> list[dict]:
                 mean[f"{k}_diff"], mean[f"{k}_diff_lo"], mean[f"{k}_diff_hi"] = bootstrap([p[f"{k}_diff"] for p in pairs])
             rows += pairs + [{"pruned": source, "from_scratch": small, "seed": f"mean of {len(pairs)}", **mean}]
     return rows
-
-
-PAIRED = ("train_return", "eval_return")
 
 
 def print_pairs(pairs: list[dict]) -> None:
