@@ -265,7 +265,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--steps", type=int, default=0, help="timed steps per configuration (0: 300 on a CPU, 2000 on a GPU)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--estimator", default="pathwise", choices=xinet.CHOICES["estimator"])
+    parser.add_argument("--estimator", default=xinet.Config.estimator, choices=xinet.CHOICES["estimator"])
     parser.add_argument("--no-cuda-graphs", action="store_true", help="run the GPU update eagerly")
     parser.add_argument("--only", default="", help="comma-separated subset of the configurations")
     parser.add_argument("--deploy", metavar="CKPT", default="", help="time the deployed policy of a saved agent instead")

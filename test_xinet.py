@@ -489,8 +489,7 @@ def test_replay_buffer_across_episode_ends_and_wraparound():
 E2E = ["--env", "Hopper-v4", "--total-steps", "1200", "--learning-starts", "300", "--pretrain-steps", "100",
        "--eval-every", "400", "--eval-episodes", "2", "--log-every", "400", "--ofe-layers", "2",
        "--ofe-units", "8", "--hidden", "32", "--batch-size", "64", "--prune-every", "200",
-       "--prune-strength", "3", "--gate-lr", "0.05", "--prune-ramp", "0", "--device", "cpu", "--seed", "3",
-       "--estimator", "flip"]
+       "--prune-strength", "3", "--gate-lr", "0.05", "--prune-ramp", "0", "--device", "cpu", "--seed", "3"]
 
 
 def run_cli(*args, cwd=HERE):
@@ -532,8 +531,8 @@ def test_end_to_end_trains_prunes_and_writes_outputs(e2e_runs):
     assert sum(agent.alive_units().values()) == sum(int(v) for k, v in rows[-1].items() if k.startswith("alive_"))
 
 
-def test_default_estimator_prunes_end_to_end(tmp_path):
-    args = E2E[:-2] + ["--out", str(tmp_path)]  # the default estimator (pathwise)
+def test_pathwise_estimator_prunes_end_to_end(tmp_path):
+    args = E2E + ["--estimator", "pathwise", "--out", str(tmp_path)]  # E2E: the default (flip)
     assert xinet.main(args) == 0
     rows = read_progress(str(tmp_path))
     dense = Agent(small_config(ofe_layers=2, ofe_units=8, hidden=32), OBS, -np.ones(ACT), np.ones(ACT))
@@ -889,7 +888,7 @@ def test_cuda_graph_replays_the_eager_update_across_pruning(estimator):
 
 @needs_cuda
 def test_cuda_training_run_prunes_and_reloads(tmp_path):
-    args = E2E[:-2] + ["--device", "cuda", "--out", str(tmp_path)]
+    args = E2E + ["--device", "cuda", "--out", str(tmp_path)]
     assert xinet.main(args) == 0
     rows = read_progress(str(tmp_path))
     agent = xinet.load_agent(os.path.join(str(tmp_path), "agent.pt"), "cuda")

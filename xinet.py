@@ -80,10 +80,10 @@ class Config:
     """Bernoulli-gate units and prune (--no-gates: the dense agent)"""
     gate: str = "ofenet,actor,critic"
     """comma-separated networks whose hidden units carry gates"""
-    estimator: str = "pathwise"
-    """gradient estimator of dE[loss]/dtheta: pathwise (cheap, biased) or flip (unbiased)"""
+    estimator: str = "flip"
+    """gradient estimator of dE[loss]/dtheta: flip (unbiased) or pathwise (cheaper, biased)"""
     prune_strength: float = -1.0
-    """gamma of Eq. 3, the price of a full agent's parameters in loss units (<0: 1 for pathwise, 0.1 for flip)"""
+    """gamma of Eq. 3, the price of a full agent's parameters in loss units (<0: 3 for flip, 1 for pathwise)"""
     prune_start: int = 0
     """environment step at which gate training and pruning begin (never before pre-training ends)"""
     prune_ramp: int = 10_000
@@ -116,8 +116,8 @@ class Config:
     """keep RUN_DIR/resume.pt (buffer, optimizers, RNGs) at the end, so --resume can extend the run"""
 
 
-CHOICES = {"estimator": ("pathwise", "flip"), "device": ("auto", "cpu", "cuda")}
-DEFAULT_STRENGTH = {"pathwise": 1.0, "flip": 0.1}
+CHOICES = {"estimator": ("flip", "pathwise"), "device": ("auto", "cpu", "cuda")}
+DEFAULT_STRENGTH = {"flip": 3.0, "pathwise": 1.0}
 NETWORKS = ("ofenet", "actor", "critic")
 RESUMABLE = ("total_steps", "threads", "device", "cuda_graphs", "log_every", "keep_resume")  # may change on --resume
 
