@@ -57,10 +57,10 @@ GRIDS = {
     "sac_parity": Grid({"sac": SAC, "sac_fast": f"{SAC} --learning-starts 5000 --critic-lr 0.001"}),
     # The runs of record: the dense OFENet agent on three seeds, XiNet with the flip estimator
     # at four prices γ, two seeds each (the frontier of return against size), a third seed of the
-    # two candidates (γ = 3, 10), and γ = 3's final architecture of each seed trained from scratch.
-    "hopper": Grid({"dense": "--no-gates", **FRONTIER, "small_g3": "--no-gates"},
+    # two candidates (γ = 3, 10), and their final architecture of each seed trained from scratch.
+    "hopper": Grid({"dense": "--no-gates", **FRONTIER, "small_g3": "--no-gates", "small_g10": "--no-gates"},
                    fewer_seeds={c: (1, 2) for c in FRONTIER if c not in ("flip_g3", "flip_g10")},
-                   arch_from={"small_g3": "flip_g3"}),
+                   arch_from={"small_g3": "flip_g3", "small_g10": "flip_g10"}),
 }
 
 
