@@ -83,7 +83,7 @@ class Config:
     estimator: str = "flip"
     """gradient estimator of dE[loss]/dtheta: flip (unbiased) or pathwise (cheaper, biased)"""
     prune_strength: float = -1.0
-    """gamma of Eq. 3, the price of a full agent's parameters in loss units (<0: 10 for flip, 1 for pathwise)"""
+    """gamma of Eq. 3, the price of a full agent's parameters in loss units (<0: 30 for flip, 1 for pathwise)"""
     prune_start: int = 0
     """environment step at which gate training and pruning begin (never before pre-training ends)"""
     prune_ramp: int = 10_000
@@ -117,7 +117,7 @@ class Config:
 
 
 CHOICES = {"estimator": ("flip", "pathwise"), "device": ("auto", "cpu", "cuda")}
-DEFAULT_STRENGTH = {"flip": 10.0, "pathwise": 1.0}
+DEFAULT_STRENGTH = {"flip": 30.0, "pathwise": 1.0}
 NETWORKS = ("ofenet", "actor", "critic")
 RESUMABLE = ("total_steps", "threads", "device", "cuda_graphs", "log_every", "keep_resume")  # may change on --resume
 
