@@ -847,7 +847,7 @@ def test_tutorial_notebook_runs_in_quick_mode(tmp_path):
     nb = nbformat.read(os.path.join(HERE, "tutorial.ipynb"), as_version=4)
     os.environ["XINET_QUICK"] = "1"
     try:
-        nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+        nbclient.NotebookClient(nb, timeout=1800, kernel_name="python3",
                                 resources={"metadata": {"path": HERE}}).execute()
     finally:
         del os.environ["XINET_QUICK"]
