@@ -50,7 +50,7 @@ class Grid:
 
 
 SAC = "--no-ofenet --no-gates"
-FRONTIER = {f"flip_g{g}": f"--estimator flip --prune-strength {g}" for g in (1, 3, 10, 30, 100)}
+FRONTIER = {f"flip_g{g}": f"--estimator flip --prune-strength {g}" for g in (1, 3, 10, 30, 50, 100)}
 GRIDS = {
     # Plain SAC's settings against the widely used single-file SAC's (5k random steps, critic
     # and temperature learning rate 1e-3).
@@ -61,7 +61,7 @@ GRIDS = {
     # γ = 1, and the final architectures of γ = 30 (the default) and 10, and of γ = 3's seed 2,
     # trained from scratch.
     "hopper": Grid({"dense": "--no-gates", **FRONTIER, **{f"small_g{g}": "--no-gates" for g in (3, 10, 30)}},
-                   fewer_seeds={"flip_g1": (1,), "flip_g100": (1, 2), "small_g3": (2,)},
+                   fewer_seeds={"flip_g1": (1,), "flip_g50": (1, 2), "flip_g100": (1, 2), "small_g3": (2,)},
                    arch_from={f"small_g{g}": f"flip_g{g}" for g in (3, 10, 30)}),
 }
 
