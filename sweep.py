@@ -56,8 +56,8 @@ GRIDS = {
     # and temperature learning rate 1e-3).
     "sac_parity": Grid({"sac": SAC, "sac_fast": f"{SAC} --learning-starts 5000 --critic-lr 0.001"}),
     # The runs of record: the dense OFENet agent on three seeds, XiNet with the flip estimator
-    # at five prices γ (the frontier of return against size), three seeds each of the candidates
-    # for the default (γ = 3, 10, 30), two of γ = 100 (the screen above the default) and one of
+    # at six prices γ (the frontier of return against size), three seeds each of the candidates
+    # for the default (γ = 3, 10, 30), two each of γ = 50 and 100 (the screens above the default) and one of
     # γ = 1, and the final architectures of γ = 30 (the default) and 10, and of γ = 3's seed 2,
     # trained from scratch.
     "hopper": Grid({"dense": "--no-gates", **FRONTIER, **{f"small_g{g}": "--no-gates" for g in (3, 10, 30)}},
