@@ -64,7 +64,8 @@ def update_flops(agent: xinet.Agent, batch: int, gates_on: bool) -> int:
     critic = critics(first_input_grad=False, **grads) + flip * critics()
     policy = linear_flops(actor, B, first_input_grad=False, **grads)  # pi(o), back to its weights
     policy += linear_flops(SA, B, input_grad=True) + critics(input_grad=True)  # Q(z_oa(a)), back to a
-    policy += (1 + flip) * (linear_flops(actor, B) + linear_flops(SA, B) + critics())  # baseline, flip replay
+    baseline = gates_on and bool(xinet.gated_layers(agent.actor))  # a gate step's per-state baseline
+    policy += (baseline + flip) * (linear_flops(actor, B) + linear_flops(SA, B) + critics())  # and flip replay
     return ofenet + targets + critic + policy
 
 
@@ -195,10 +196,18 @@ def bench_one(name: str, cfg: xinet.Config, device: torch.device, steps: int, wa
     gates_on = cfg.gates and bool(agent.thetas())
     graphs = device.type == "cuda" and cfg.cuda_graphs
     learner, explore = xinet.Learner(agent, buffer, BATCH, graphs), xinet.Explorer(agent, graphs)
-    flops = update_flops(agent, BATCH, gates_on)
+    k = cfg.gate_every if gates_on else 1  # per-update counts: the mean over one gate cycle
+
+    def cycle(f):
+        on = f(gates_on)
+        agent.mark_sure_gates()
+        return (on + (k - 1) * f(False)) / k
+    flops = cycle(lambda g: update_flops(agent, BATCH, g))
+
+    step = 0
 
     def run(n: int, with_env: bool) -> float:
-        nonlocal obs
+        nonlocal obs, step
         sync(device)
         t0 = time.perf_counter()
         for _ in range(n):
@@ -206,16 +215,17 @@ def bench_one(name: str, cfg: xinet.Config, device: torch.device, steps: int, wa
                 obs, _, done = xinet.env_step(env, buffer, obs, explore(obs))
                 if done:
                     obs, _ = env.reset()
-            learner(gates_on, 0.0)  # gamma 0: gates train, but nothing is pushed to 0 while timing
+            step = (step + 1) % cfg.gate_every  # a gate step every gate_every steps, as in training
+            learner(gates_on and step == 0, 0.0)  # gamma 0: gates train, nothing pushed to 0 while timing
         sync(device)
         return (time.perf_counter() - t0) / n
 
     run(warmup, True)
     step_time = run(steps, True)
     update_time = run(steps, False)
-    kernels = kernels_per_update(agent, buffer.sample(BATCH), gates_on, device)
+    kernels = cycle(lambda g: kernels_per_update(agent, buffer.sample(BATCH), g, device))
     # on a GPU the products replayed one launch at a time would time the launches, not the products
-    floor = matmul_floor(agent, buffer.sample(BATCH), gates_on, device) if device.type == "cpu" else float("nan")
+    floor = cycle(lambda g: matmul_floor(agent, buffer.sample(BATCH), g, device)) if device.type == "cpu" else float("nan")
     env.close()
     return {"config": name, "params": agent.num_params(), "steps_per_s": 1 / step_time,
             "update_ms": 1e3 * update_time, "mflop": flops / 1e6, "gflops": flops / update_time / 1e9,
@@ -306,7 +316,7 @@ def main(argv=None) -> int:
         speedup = f"{r['steps_per_s'] / dense['steps_per_s']:.2f}x" if dense else "-"
         alone = f"{r['matmul_ms']:.2f}" if r["matmul_ms"] == r["matmul_ms"] else "-"  # nan on a GPU
         print(f"| {r['config']} | {r['params']:,} | {r['steps_per_s']:.1f} | {speedup} | {r['update_ms']:.2f} | "
-              f"{alone} | {r['mflop']:.0f} | {r['gflops']:.1f} | {r['gflops'] / rate:.0%} | {r['kernels']} |")
+              f"{alone} | {r['mflop']:.0f} | {r['gflops']:.1f} | {r['gflops'] / rate:.0%} | {r['kernels']:.0f} |")
     return 0
 
 

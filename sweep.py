@@ -63,6 +63,15 @@ GRIDS = {
     "hopper": Grid({"dense": "--no-gates", **FRONTIER, **{f"small_g{g}": "--no-gates" for g in (3, 10, 30)}},
                    fewer_seeds={"flip_g1": (1,), "flip_g50": (1, 2), "flip_g100": (1, 2), "small_g3": (2,)},
                    arch_from={f"small_g{g}": f"flip_g{g}" for g in (3, 10, 30)}),
+    # The hopper grid's default (γ = 30) again, with the code of a gate step every fourth update
+    # (--gate-every 4), against that grid's flip_g30 from the code with one at every update.
+    "hopper_recheck": Grid({"flip_g30": FRONTIER["flip_g30"]}),
+    # Beyond Hopper: plain SAC, the dense agent, XiNet at the default γ and each seed's final
+    # XiNet architecture trained from scratch.
+    **{name: Grid({"sac": SAC, "dense": "--no-gates", "xinet": "", "small": "--no-gates"}, seeds=seeds,
+                  arch_from={"small": "xinet"}, env=env)
+       for name, env, seeds in (("halfcheetah", "HalfCheetah-v4", (1, 2, 3, 4, 5)),
+                                ("walker2d", "Walker2d-v4", (1, 2, 3)))},
 }
 
 

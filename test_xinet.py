@@ -242,7 +242,9 @@ def test_gate_momentum_lets_theta_settle_at_one():
     """With ~0.25 flips per unit and step, Adam's usual beta1 = 0.9 averages too few estimates:
     the sign of the step is noise and theta keeps leaving 1. Averaging ~1,000 (0.999, the default)
     lets the gates of useful units sit exactly at 1."""
-    assert small_agent().gate_opt.param_groups[0]["betas"][0] == Config().gate_momentum == 0.999
+    cfg = Config()  # a gate step every gate_every environment steps: 0.999 per environment step
+    assert small_agent().gate_opt.param_groups[0]["betas"][0] == cfg.gate_momentum ** cfg.gate_every
+    assert cfg.gate_momentum == 0.999
     low, high = settled_fraction(0.9), settled_fraction(0.999)
     assert low < 0.6 and high > 0.8, (low, high)
 

@@ -90,12 +90,14 @@ class Config:
     """environment steps over which gamma ramps linearly from 0 to its value"""
     prune_every: int = 1_000
     """environment steps between pruning events"""
+    gate_every: int = 4
+    """environment steps between gate steps (theta's gradient, Eq. 6, and its step, Eq. 9)"""
     gate_lr: float = 1e-3
-    """Adam learning rate of the gate parameters theta"""
+    """Adam learning rate of theta per environment step (a gate step uses gate_every times it)"""
     gate_momentum: float = 0.999
-    """Adam's beta1 for theta: each gate step follows the average of ~1/(1 - beta1) gradient estimates"""
+    """Adam's beta1 for theta per environment step: theta follows ~1/(1 - beta1) steps' estimates"""
     loss_ema: float = 0.99
-    """decay of the running loss scale s_N of Eq. 3"""
+    """decay of the running loss scale s_N of Eq. 3 per environment step"""
     eval_every: int = 5_000
     """environment steps between evaluations (and checkpoints)"""
     eval_episodes: int = 10
@@ -151,7 +153,7 @@ def validate(cfg: Config) -> Config:
         if f.type in ("float", float) and not math.isfinite(getattr(cfg, f.name)):
             raise UserError(f"{flag(f.name)} must be a finite number, got {getattr(cfg, f.name)}.")
     for name in ("total_steps", "batch_size", "buffer_size", "eval_every", "eval_episodes",
-                 "prune_every", "hidden", "log_every"):
+                 "prune_every", "gate_every", "hidden", "log_every"):
         if getattr(cfg, name) <= 0:
             raise UserError(f"{flag(name)} must be positive, got {getattr(cfg, name)}.")
     for name in ("learning_starts", "pretrain_steps", "prune_start", "prune_ramp", "ofe_layers",
@@ -222,6 +224,8 @@ class GatedLinear(nn.Module):
     so autograd gives theta the pathwise gradient sum_i dloss/dxi_i (Eq. 5). The flip estimator keeps
     each example's dloss/dxi (`self.gate.grad`) and `flip_estimate` corrects the pathwise gradient's
     bias from one extra forward pass with one gate per example flipped (`self.flip` for that pass).
+    While theta.requires_grad is off (a step that trains the weights only) xi is a plain constant,
+    and a layer marked `sure` (every theta exactly 1, so xi = 1 surely) skips the gate altogether.
     With gated=False this is a plain linear layer (+BN, activation): no theta, no gate.
     """
 
@@ -237,6 +241,7 @@ class GatedLinear(nn.Module):
         self.xi: Optional[torch.Tensor] = None    # (B, out) bool gates of the last training pass
         self.gate: Optional[torch.Tensor] = None  # (B, out) the same as a differentiable tensor
         self.flip: Optional[torch.Tensor] = None  # (B, out) bool: gates to flip in a replay pass
+        self.sure = False                         # every theta is exactly 1 (set by Agent.mark_sure_gates)
         self._batch_stats = None                  # BN mean/var of the last training pass
 
     @property
@@ -251,7 +256,7 @@ class GatedLinear(nn.Module):
         if self.flip is not None:  # replay pass: the main pass's batch statistics, no update
             mean, var = self._batch_stats
             return F.batch_norm(z, mean, var, self.bn.weight, self.bn.bias, False, 0.0, self.bn.eps)
-        if self.training and self.theta is not None and self.estimator == "flip":
+        if self.training and self.theta is not None and self.theta.requires_grad and self.estimator == "flip":
             self._batch_stats = (z.mean(0).detach(), z.var(0, unbiased=False).detach())
         return self.bn(z)
 
@@ -264,13 +269,15 @@ class GatedLinear(nn.Module):
             h = self._normalize(h)
         if self.activation is not None:
             h = self.activation(h)
-        if self.theta is None:
-            return h
+        if self.theta is None or (self.sure and not self.theta.requires_grad):
+            return h  # no gate, or xi = theta = 1 surely
         if not self.training:
             return h * self.theta
         if self.flip is not None:
             return h * (self.xi ^ self.flip)
         self.xi = torch.rand_like(h) < self.theta.detach()  # (B, out) bool
+        if not self.theta.requires_grad:  # a step for the weights only
+            return h * self.xi
         self.gate = self.xi + self.theta - self.theta.detach()  # value xi, d/dtheta_j = sum_i d/dxi_ij
         if self.estimator == "flip" and self.gate.requires_grad:
             self.gate.retain_grad()  # per-example dloss/dxi: the control variate of flip_estimate
@@ -312,6 +319,7 @@ class GatedLinear(nn.Module):
                 self.bn.num_features = len(index)
             self.linear.out_features = len(index)
             self.xi = self.gate = self.flip = self._batch_stats = None
+            self.sure = False
 
 
 def weights(module: nn.Module) -> list[nn.Parameter]:
@@ -614,16 +622,17 @@ class Agent(nn.Module):
         self.target_entropy = -float(act_dim)
         self.to(device)
 
-        def adam(params, lr, beta1=0.9):  # one fused kernel per step; graph-capturable on a GPU
+        def adam(params, lr, beta1=0.9, beta2=0.999):  # one fused kernel per step; graph-capturable on a GPU
             params = list(params)
             cuda = torch.device(device).type == "cuda"
-            return torch.optim.Adam(params, lr=lr, betas=(beta1, 0.999), fused=True, capturable=cuda) if params else None
+            return torch.optim.Adam(params, lr=lr, betas=(beta1, beta2), fused=True, capturable=cuda) if params else None
 
         self.ofenet_opt = adam(weights(self.ofenet), cfg.lr) if self.ofenet else None
         self.actor_opt = adam(weights(self.actor), cfg.lr)
         self.critic_opt = adam(weights(self.critic), cfg.critic_lr)
         self.alpha_opt = adam([self.log_alpha], cfg.critic_lr)
-        self.gate_opt = adam(self.thetas(), cfg.gate_lr, cfg.gate_momentum)
+        k = cfg.gate_every  # one gate step per k environment steps: the same speed and memory per step
+        self.gate_opt = adam(self.thetas(), cfg.gate_lr * k, cfg.gate_momentum ** k, 0.999 ** k)
         self.loss_scale: dict[str, torch.Tensor] = {}  # s_N of Eq. 3, per network
         self.param_count = ExpectedParams(self.wiring(targets=False))  # P(theta), Eq. 4
         self.dense_params = self.expected_params().item()  # P(1): every theta starts at 1
@@ -768,7 +777,18 @@ class Agent(nn.Module):
         before = width()
         self.copy_gates_to_targets()
         prune_units(self.wiring(targets=True), self.optimizers().values())
+        self.mark_sure_gates()
         return before - width()
+
+    @torch.no_grad()
+    def mark_sure_gates(self) -> None:
+        """Mark the layers whose every theta is exactly 1: their xi is 1 surely, so until the
+        next gate step they skip drawing it. One host sync, after a gate step, outside `update`."""
+        layers = self.gated() + gated_layers(self.critic_target)
+        if layers:
+            inside = torch.stack([(layer.theta < 1).any() for layer in layers]).tolist()
+            for layer, below_one in zip(layers, inside):
+                layer.sure = not below_one
 
 
 # ----------------------------------------------------------------------------------------------
@@ -778,12 +798,13 @@ class Agent(nn.Module):
 def loss_scale(agent: Agent, key: str, losses: torch.Tensor) -> torch.Tensor:
     """s_N <- beta * s_N + (1 - beta) * mean_i |loss_i|: a gradient-free size of network N's loss,
     so that one gamma means the same for every network and reward scale (Eq. 3). Each loss_i must
-    be the part of the loss that N's units can change: the actor's is centred per state."""
+    be the part of the loss that N's units can change: the actor's is centred per state. Updated
+    at gate steps, every gate_every environment steps, with beta = loss_ema ** gate_every."""
     size = losses.detach().abs().mean()
     if key not in agent.loss_scale:
         agent.loss_scale[key] = size.clone()
     else:
-        agent.loss_scale[key].lerp_(size, 1.0 - agent.cfg.loss_ema)
+        agent.loss_scale[key].lerp_(size, 1.0 - agent.cfg.loss_ema ** agent.cfg.gate_every)
     return agent.loss_scale[key].clamp_min(1e-8)
 
 
@@ -799,7 +820,6 @@ def train_network(agent: Agent, key: str, net: nn.Module, optimizer: torch.optim
     net.train()
     losses = per_example_loss()
     loss = losses.sum(-1).mean()
-    s = loss_scale(agent, key, losses.sum(-1))
     layers = gated_layers(net) if gates_on else []
     optimizer.zero_grad(set_to_none=True)
     loss.backward(inputs=weights(net) + [layer.theta for layer in layers])  # theta: pathwise (Eq. 5)
@@ -811,7 +831,7 @@ def train_network(agent: Agent, key: str, net: nn.Module, optimizer: torch.optim
         if layer.theta.grad is None:
             layer.theta.grad = torch.zeros_like(layer.theta)
     if layers:
-        torch._foreach_div_([layer.theta.grad for layer in layers], s)
+        torch._foreach_div_([layer.theta.grad for layer in layers], loss_scale(agent, key, losses.sum(-1)))
     net.eval()
     return loss.detach()
 
@@ -850,6 +870,8 @@ def gate_step(agent: Agent, strength: float | torch.Tensor) -> None:
     agent.gate_opt.zero_grad(set_to_none=True)
     project_gates_(layers, before)
     agent.copy_gates_to_targets()
+    for layer in layers + gated_layers(agent.critic_target):  # theta moved: Agent.mark_sure_gates
+        layer.sure = False                                     # decides again, outside the update
 
 
 def update_temperature(agent: Agent, log_prob: torch.Tensor) -> None:
@@ -863,10 +885,13 @@ def update_temperature(agent: Agent, log_prob: torch.Tensor) -> None:
 
 def update(agent: Agent, batch, gates_on: bool = False,
            strength: float | torch.Tensor = 0.0) -> dict[str, torch.Tensor]:
-    """One XiNet step on a minibatch: OFENet, twin critics, actor, temperature, gates."""
+    """One XiNet step on a minibatch: OFENet, twin critics, actor, temperature and, with
+    `gates_on` (a gate step), the gates; otherwise theta is a constant and xi is only drawn."""
     cfg = agent.cfg
     obs, action, reward, next_obs, terminated = batch
     agent.eval()  # mean gates and BN running statistics wherever a network is not training
+    for theta in agent.thetas():
+        theta.requires_grad_(gates_on)
     if gates_on:
         agent.gate_opt.zero_grad(set_to_none=True)
     info = {}
@@ -890,8 +915,10 @@ def update(agent: Agent, batch, gates_on: bool = False,
     def soft_value(a: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:  # (B,): alpha log pi - min_k Q_k
         return alpha * logp - agent.critic(agent.state_action_features(z_o, a)).min(-1).values
 
-    with torch.no_grad():  # the same at another action a' ~ pi: a per-state baseline, so
-        baseline = soft_value(*agent.actor(z_o))  # s_N measures soft advantages, not the level of Q
+    baseline = 0.0  # the same at another action a' ~ pi: a per-state baseline, so that s_N
+    if gates_on and gated_layers(agent.actor):  # measures soft advantages, not the level of Q
+        with torch.no_grad():
+            baseline = soft_value(*agent.actor(z_o))
     eps = torch.randn(obs.shape[0], agent.act_dim, device=obs.device)  # one noise for both passes
     log_probs = []
 
@@ -905,6 +932,8 @@ def update(agent: Agent, batch, gates_on: bool = False,
     polyak_(agent.critic_target, agent.critic, cfg.tau)
     if gates_on:
         gate_step(agent, strength)
+    for theta in agent.thetas():
+        theta.requires_grad_(True)
     return info
 
 
@@ -1194,38 +1223,40 @@ class CudaGraph:
     An update is a thousand small kernels; launching them one by one from Python costs more
     than running them. Recording needs `fn` to touch the same tensors every call: the buffer
     and parameters are preallocated, the fill level and gamma live in device tensors, and
-    there is no host sync inside. Whenever `key` changes (pruning replaced the parameters,
-    gates switched on), `fn` is run once eagerly and recorded again; every call runs `fn`
-    exactly once. With `enabled` False (a CPU), it is a plain call.
+    there is no host sync inside. One recording is kept per `key` (a gate step or not, the
+    layers whose gates are sure), all dropped when `arch` changes (pruning replaced the
+    parameters); a new key runs `fn` once eagerly and records it. Every call runs `fn` exactly
+    once. With `enabled` False (a CPU), it is a plain call.
     """
 
     def __init__(self, fn: Callable[[], object], enabled: bool):
-        self.fn, self.enabled, self.key, self.graph = fn, enabled, None, None
+        self.fn, self.enabled, self.arch, self.graphs = fn, enabled, None, {}
 
-    def __call__(self, key=None) -> None:
+    def __call__(self, key=None, arch=None) -> None:
         if not self.enabled:
+            return self.fn()
+        if arch != self.arch:
+            self.graphs, self.arch = {}, arch  # frees the old recordings' memory
+        if key in self.graphs:
+            return self.graphs[key].replay()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # this call's work, eagerly (also warms up lazy state)
             self.fn()
-        elif key == self.key and self.graph is not None:
-            self.graph.replay()
-        else:
-            self.graph = None  # frees the old recording's memory
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # this call's work, eagerly (also warms up lazy state)
-                self.fn()
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):  # recorded, not run
-                self.fn()
-            self.key = key
+        torch.cuda.current_stream().wait_stream(side)
+        self.graphs[key] = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graphs[key]):  # recorded, not run
+            self.fn()
 
 
 class Learner:
     """The training loop's update: `learner(gates_on, gamma)` runs Eq. 3's step on a fresh
-    minibatch, as a CUDA graph on a GPU (recorded again when pruning changes the architecture)."""
+    minibatch (a gate step with `gates_on`), as a CUDA graph on a GPU (recorded again when
+    pruning changes the architecture). After a gate step it marks the layers whose gates are sure."""
 
     def __init__(self, agent: Agent, buffer: ReplayBuffer, batch_size: int, graphs: bool):
         self.agent, self.gates_on = agent, False
+        agent.mark_sure_gates()
         self.strength = torch.zeros((), device=buffer.device)  # gamma, read by the recorded graph
         self.graph = CudaGraph(lambda: update(agent, buffer.sample(batch_size), self.gates_on, self.strength),
                                graphs)
@@ -1233,7 +1264,10 @@ class Learner:
     def __call__(self, gates_on: bool, strength: float) -> None:
         self.gates_on = gates_on
         self.strength.fill_(strength)
-        self.graph(key=(gates_on, self.agent.architecture()))
+        sure = tuple(layer.sure for layer in self.agent.gated())
+        self.graph(key=(gates_on, sure), arch=self.agent.architecture())
+        if gates_on:
+            self.agent.mark_sure_gates()
 
 
 class Explorer:
@@ -1251,7 +1285,7 @@ class Explorer:
 
     def __call__(self, obs: np.ndarray) -> np.ndarray:
         self.obs.copy_(torch.as_tensor(obs, dtype=torch.float32))
-        self.graph(key=self.agent.architecture())
+        self.graph(key=tuple(layer.sure for layer in self.agent.gated()), arch=self.agent.architecture())
         return self.action.cpu().numpy()
 
 
@@ -1323,7 +1357,8 @@ def train(cfg: Config, on_eval: Optional[Callable[[int, "Agent"], None]] = None,
             pretrain_ofenet(agent, buffer, cfg, graphs)
         if step > cfg.learning_starts:
             gates_on = cfg.gates and step > gate_start and bool(agent.thetas())
-            learner(gates_on, cfg.prune_strength * min(1.0, (step - gate_start) / max(cfg.prune_ramp, 1)))
+            gate_step = gates_on and (step - gate_start) % cfg.gate_every == 0
+            learner(gate_step, cfg.prune_strength * min(1.0, (step - gate_start) / max(cfg.prune_ramp, 1)))
             if gates_on and (step - gate_start) % cfg.prune_every == 0:
                 loop["pruned"] += agent.prune()
 
@@ -1375,12 +1410,16 @@ def pretrain_ofenet(agent: Agent, buffer: ReplayBuffer, cfg: Config, graphs: boo
 
     pretrain = CudaGraph(step, graphs)
     t0 = time.perf_counter()
+    for theta in agent.thetas():  # no gate steps yet: theta is a constant
+        theta.requires_grad_(False)
     for k in range(1, cfg.pretrain_steps + 1):
-        pretrain()
+        pretrain(key=tuple(layer.sure for layer in agent.gated()))
         loss = losses[0]
         if k % cfg.log_every == 0 or k == cfg.pretrain_steps:
             print(f"pretrain {k:>7,}/{cfg.pretrain_steps:,}  aux loss {float(loss):.5f}  "
                   f"{k / (time.perf_counter() - t0):6.1f} updates/s", flush=True)
+    for theta in agent.thetas():
+        theta.requires_grad_(True)
 
 
 class ProgressLog:
