@@ -5,6 +5,7 @@ import math
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -697,6 +698,66 @@ def test_killed_run_resumes_to_its_total_steps(tmp_path):
     assert [int(r["step"]) for r in read_progress(out)] == list(range(400, 2401, 400))
     res = run_cli("--eval", os.path.join(out, "agent.pt"), "--eval-episodes", "1")
     assert res.returncode == 0, res.stderr
+
+
+def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    """A TD target made NaN from the 150th update on (after the checkpoint of step 400): the run
+    stops with one sentence and exit code 2, progress.csv ends at the last finite row, and
+    agent.pt and resume.pt are that checkpoint's, finite and loadable."""
+    calls, td_target = [0], xinet.td_target
+
+    def poisoned(*args):
+        calls[0] += 1
+        return td_target(*args) * (float("nan") if calls[0] >= 150 else 1.0)
+    monkeypatch.setattr(xinet, "td_target", poisoned)
+    out = str(tmp_path / "run")
+    assert xinet.main(E2E + ["--out", out]) == 2
+    err = capsys.readouterr().err
+    assert "diverged" in err and "critics' TD loss" in err and "--critic-lr" in err and "step 400" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert [int(r["step"]) for r in read_progress(out)] == [400]
+    agent = xinet.load_agent(os.path.join(out, "agent.pt"))
+    assert all(torch.isfinite(t).all() for t in agent.state_dict().values() if t.is_floating_point())
+    assert torch.load(os.path.join(out, "resume.pt"), weights_only=True)["loop"]["step"] == 400
+
+
+def test_sigterm_saves_the_run_where_it_stands_and_resume_goes_on(tmp_path):
+    out = str(tmp_path / "run")
+    args = E2E[:]
+    args[args.index("--log-every") + 1] = "10"
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "xinet.py"), *args, "--out", out],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
+    for line in proc.stdout:  # past the first checkpoint (step 400), mid-way to the next
+        if line.startswith("step") and int(line.split()[1].replace(",", "")) >= 500:
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err
+    step = torch.load(os.path.join(out, "resume.pt"), weights_only=True)["loop"]["step"]
+    assert 500 <= step < 1200 and f"stopped by SIGTERM at step {step:,}" in err
+    assert [int(r["step"]) for r in read_progress(out)] == [400]
+    res = run_cli("--resume", out)
+    assert res.returncode == 0, res.stderr
+    assert f"resumed at step {step:,}" in res.stdout
+    assert [int(r["step"]) for r in read_progress(out)] == [400, 800, 1200]
+
+
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch, failure):
+    """A disk that fills mid-write, or a second Ctrl-C during the save: the old file stays whole."""
+    agent, path = small_agent(), str(tmp_path / "agent.pt")
+    xinet.save_agent(agent, path)
+    before = open(path, "rb").read()
+
+    def failing_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise failure
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(xinet.UserError if isinstance(failure, OSError) else KeyboardInterrupt) as e:
+        xinet.save_agent(agent, path)
+    if isinstance(failure, OSError):
+        assert "No space left on device" in str(e.value) and "kept" in str(e.value)
+    assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["agent.pt"]
 
 
 @pytest.mark.parametrize("estimator", ["flip", "pathwise"])

@@ -28,10 +28,12 @@ import inspect
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 import gymnasium as gym
 import numpy as np
@@ -136,6 +138,14 @@ def flag(name: str) -> str:
 
 class UserError(Exception):
     """A mistake in the command line, environment or checkpoint: reported in one sentence."""
+
+
+class Stopped(Exception):
+    """SIGINT or SIGTERM stopped the run after its checkpoint was written; exit code 128 + signal."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(signum, step)
+        self.signum, self.step = signum, step
 
 
 @contextlib.contextmanager
@@ -620,6 +630,9 @@ class Agent(nn.Module):
         self._gated = [layer for net in self.networks().values() for layer in gated_layers(net)]
         self.log_alpha = nn.Parameter(torch.zeros(()))
         self.target_entropy = -float(act_dim)
+        # divergence guard, kept on the device: is each of HEALTH finite so far, in how many updates
+        self.register_buffer("finite", torch.ones(len(HEALTH), dtype=torch.bool), persistent=False)
+        self.register_buffer("finite_updates", torch.zeros((), dtype=torch.long), persistent=False)
         self.to(device)
 
         def adam(params, lr, beta1=0.9, beta2=0.999):  # one fused kernel per step; graph-capturable on a GPU
@@ -795,6 +808,10 @@ class Agent(nn.Module):
 # The update
 # ----------------------------------------------------------------------------------------------
 
+# What the divergence guard watches, and the flags most likely at fault when it goes non-finite
+HEALTH = {"OFENet's auxiliary loss": "--lr", "the critics' TD loss": "--critic-lr (or the reward scale)",
+          "the actor's loss": "--lr", "the temperature": "--critic-lr"}
+
 def loss_scale(agent: Agent, key: str, losses: torch.Tensor) -> torch.Tensor:
     """s_N <- beta * s_N + (1 - beta) * mean_i |loss_i|: a gradient-free size of network N's loss,
     so that one gamma means the same for every network and reward scale (Eq. 3). Each loss_i must
@@ -934,6 +951,9 @@ def update(agent: Agent, batch, gates_on: bool = False,
         gate_step(agent, strength)
     for theta in agent.thetas():
         theta.requires_grad_(True)
+    watched = [info.get("ofenet_loss", alpha), info["critic_loss"], info["actor_loss"], agent.log_alpha.detach()]
+    agent.finite &= torch.isfinite(torch.stack(watched))  # no host sync: the loop reads it per block
+    agent.finite_updates += agent.finite.all()
     return info
 
 
@@ -946,11 +966,19 @@ FORMAT, RESUME_FORMAT = "xinet-agent-1", "xinet-resume-1"
 
 def write_atomically(path: str, write: Callable) -> None:
     """write(file) into a temporary file, then rename it to `path`: a run killed at any moment
-    leaves the old file or the new one, never half of one."""
-    with user_path(path):
+    leaves the old file or the new one, never half of one. A failed write (disk full, folder
+    gone, no permission) keeps the old file and ends in one sentence."""
+    try:
         with open(f"{path}.tmp", "wb") as f:
             write(f)
         os.replace(f"{path}.tmp", path)
+    except BaseException as e:  # also a second Ctrl-C mid-write: the old file stays whole
+        with contextlib.suppress(OSError):
+            os.remove(f"{path}.tmp")
+        if not isinstance(e, (OSError, RuntimeError)):  # torch.save reports a failed write as a RuntimeError
+            raise
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        raise UserError(f"cannot write {path} ({why}); the previous one, if any, is kept.") from None
 
 
 def agent_payload(agent: Agent) -> dict:
@@ -1296,10 +1324,55 @@ def env_step(env: gym.Env, buffer: ReplayBuffer, obs: np.ndarray, action: np.nda
     return next_obs, float(reward), terminated or truncated
 
 
-def train(cfg: Config, on_eval: Optional[Callable[[int, "Agent"], None]] = None, resume: bool = False) -> str:
+@contextlib.contextmanager
+def stop_on_signals():
+    """Yields [signal]: SIGINT or SIGTERM sets it, and the loop then finishes its step, saves the
+    run and stops (`Stopped`). A second signal interrupts at once; the atomic writes keep every
+    file whole, the old one or the new."""
+    stop = [0]
+
+    def handler(signum, frame):
+        if stop[0]:
+            raise KeyboardInterrupt
+        stop[0] = signum
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may
+        yield stop
+        return
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+def check_finite(agent: Agent, step: int, first_update: int, returns: Optional[np.ndarray] = None) -> None:
+    """Raises UserError if anything the run has computed is NaN or inf: the device flags of every
+    update since `first_update` (read here, once per block), every parameter, the returns."""
+    ok = dict(zip(HEALTH, agent.finite.tolist()))
+    if not all(ok.values()):
+        first = [name for name, good in ok.items() if not good]
+        raise Divergence(f"at step {first_update + int(agent.finite_updates):,} {' and '.join(first)} "
+                         f"went non-finite", {HEALTH[name] for name in first})
+    for name, p in agent.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            raise Divergence(f"by step {step:,} the parameter {name} went non-finite", {"--lr", "--critic-lr"})
+    if returns is not None and not np.isfinite(returns).all():
+        raise Divergence(f"at step {step:,} the evaluation return went non-finite", {"--lr"})
+
+
+class Divergence(UserError):
+    def __init__(self, what: str, flags: set[str]):
+        super().__init__(f"the run diverged: {what} (NaN or inf); try a smaller {' or '.join(sorted(flags))}")
+
+
+def train(cfg: Config, on_eval: Optional[Callable[[int, "Agent"], None]] = None, resume: bool = False,
+          stop: Optional[list] = None) -> str:
     """Run XiNet (or a baseline) as configured; returns the run directory. `on_eval(step, agent)`
     is called after every evaluation (the tutorial records theta with it). With `resume`, the
-    run in `cfg.out` goes on from its last checkpoint (see `resume_config`)."""
+    run in `cfg.out` goes on from its last checkpoint (see `resume_config`). Once `stop[0]` is
+    set (`stop_on_signals`), the run saves where it stands and raises `Stopped`. A run that
+    diverges stops with a `Divergence` before anything non-finite reaches a file."""
     cfg = validate(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -1341,12 +1414,38 @@ def train(cfg: Config, on_eval: Optional[Callable[[int, "Agent"], None]] = None,
     t_start = time.perf_counter() - loop["time"]  # the run's clock goes on across resumes
     t_line = t_row = time.perf_counter()
     steps_at_line = steps_at_row = loop["step"]
+    first_update = max(loop["step"], cfg.learning_starts) + 1  # the agent's device counters start here
+    stop = stop or [0]
+
+    def guard(step: int, returns: Optional[np.ndarray] = None) -> None:
+        try:
+            check_finite(agent, step, first_update, returns)
+        except Divergence as e:
+            kept = f"{run_dir}/agent.pt and resume.pt stay those of step {loop['step']:,}" if loop["step"] else "no checkpoint was written"
+            raise UserError(f"{e}; {kept}.") from None
+
+    def checkpoint(step: int, returns: Optional[np.ndarray] = None, row: Optional[dict] = None) -> None:
+        guard(step, returns)  # nothing non-finite is ever written over a good checkpoint
+        if row is not None:
+            log.write(row)
+        save_agent(agent, os.path.join(run_dir, "agent.pt"))
+        loop.update(step=step, last_eval=last_eval, time=time.perf_counter() - t_start)
+        save_resume(resume_path, agent, buffer, env, loop)
+
+    if resume and loop.get("pretrained", cfg.pretrain_steps) < cfg.pretrain_steps:  # stopped while pre-training
+        loop["pretrained"] = pretrain_ofenet(agent, buffer, cfg, graphs, loop["pretrained"], stop)
     for step in range(loop["step"] + 1, cfg.total_steps + 1):
         if step <= cfg.learning_starts:
             action = env.action_space.sample()
         else:
             action = explore(obs)
+            if not np.isfinite(action).all():
+                guard(step)  # the device flags name the network at fault, if they can
+                raise UserError(f"the run diverged: at step {step:,} the actor's action went non-finite; try a smaller --lr.")
         obs, reward, done = env_step(env, buffer, obs, action)
+        if not (np.isfinite(obs).all() and math.isfinite(reward)):
+            raise UserError(f"at step {step:,} {cfg.env} returned a non-finite observation or reward; "
+                            f"the last good checkpoint is of step {loop['step']:,}.")
         episode_return += reward
         if done:
             train_returns.append(episode_return)
@@ -1354,7 +1453,7 @@ def train(cfg: Config, on_eval: Optional[Callable[[int, "Agent"], None]] = None,
             episode_return = 0.0
 
         if step == cfg.learning_starts and agent.ofenet is not None:
-            pretrain_ofenet(agent, buffer, cfg, graphs)
+            loop["pretrained"] = pretrain_ofenet(agent, buffer, cfg, graphs, 0, stop)
         if step > cfg.learning_starts:
             gates_on = cfg.gates and step > gate_start and bool(agent.thetas())
             gate_step = gates_on and (step - gate_start) % cfg.gate_every == 0
@@ -1378,14 +1477,15 @@ def train(cfg: Config, on_eval: Optional[Callable[[int, "Agent"], None]] = None,
                    **{f"alive_{k}": v for k, v in agent.alive_units().items()},
                    "steps_per_sec": train_rate, "time": elapsed, "max_rss_mb": max_rss_mb()}
             train_returns.clear()
-            log.write(row)
-            save_agent(agent, os.path.join(run_dir, "agent.pt"))
-            loop.update(step=step, last_eval=last_eval, time=elapsed)
-            save_resume(resume_path, agent, buffer, env, loop)
+            checkpoint(step, returns, row)
             if on_eval is not None:
                 on_eval(step, agent)
             t_row, steps_at_row = time.perf_counter(), step
+        if stop[0]:
+            checkpoint(step)
+            raise Stopped(stop[0], step)
         if step % cfg.log_every == 0:
+            guard(step)
             now = time.perf_counter()
             rate = (step - steps_at_line) / (now - t_line)
             t_line, steps_at_line = now, step
@@ -1400,8 +1500,10 @@ def train(cfg: Config, on_eval: Optional[Callable[[int, "Agent"], None]] = None,
     return run_dir
 
 
-def pretrain_ofenet(agent: Agent, buffer: ReplayBuffer, cfg: Config, graphs: bool = False) -> None:
-    """OFENet's own warm-up: `pretrain_steps` auxiliary updates on the random-action data."""
+def pretrain_ofenet(agent: Agent, buffer: ReplayBuffer, cfg: Config, graphs: bool = False, done: int = 0,
+                    stop: Sequence = (0,)) -> int:
+    """OFENet's own warm-up: `pretrain_steps` auxiliary updates on the random-action data, from
+    update `done` on; returns the updates done (fewer if `stop` was set, to go on later)."""
     losses = []
 
     def step():
@@ -1412,14 +1514,20 @@ def pretrain_ofenet(agent: Agent, buffer: ReplayBuffer, cfg: Config, graphs: boo
     t0 = time.perf_counter()
     for theta in agent.thetas():  # no gate steps yet: theta is a constant
         theta.requires_grad_(False)
-    for k in range(1, cfg.pretrain_steps + 1):
+    for k in range(done + 1, cfg.pretrain_steps + 1):
         pretrain(key=tuple(layer.sure for layer in agent.gated()))
         loss = losses[0]
         if k % cfg.log_every == 0 or k == cfg.pretrain_steps:
+            if not math.isfinite(float(loss)):
+                raise UserError(f"OFENet's pre-training diverged: at update {k:,} its auxiliary loss went non-finite; "
+                                "try a smaller --lr.")
             print(f"pretrain {k:>7,}/{cfg.pretrain_steps:,}  aux loss {float(loss):.5f}  "
-                  f"{k / (time.perf_counter() - t0):6.1f} updates/s", flush=True)
+                  f"{(k - done) / (time.perf_counter() - t0):6.1f} updates/s", flush=True)
+        if stop[0]:
+            break
     for theta in agent.thetas():
         theta.requires_grad_(True)
+    return k if cfg.pretrain_steps > done else done
 
 
 class ProgressLog:
@@ -1429,7 +1537,7 @@ class ProgressLog:
 
     def __init__(self, path: str, after: Optional[int] = None):
         self.path, self.fields = path, None
-        if after is not None:
+        if after is not None and os.path.exists(path):  # a run stopped before its first row has none
             with user_path(path, "read"), open(path, newline="") as f:
                 reader = csv.DictReader(f)
                 rows = [row for row in reader if int(row["step"]) <= after]
@@ -1539,10 +1647,15 @@ def main(argv=None) -> int:
         else:
             if other.resume:
                 cfg = resume_config(other.resume, cfg, given)
-            train(cfg, resume=bool(other.resume))
+            with stop_on_signals() as stop:
+                train(cfg, resume=bool(other.resume), stop=stop)
     except UserError as e:
         print(f"xinet: error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:
+        print(f"xinet: stopped by {signal.Signals(e.signum).name} at step {e.step:,}, saved; "
+              f"`python xinet.py --resume {cfg.out}` goes on from there.", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         training = cfg.out and not (other.eval or other.export)
         hint = f"; `python xinet.py --resume {cfg.out}` goes on from the last checkpoint" if training else ""
