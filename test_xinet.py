@@ -700,6 +700,58 @@ def test_killed_run_resumes_to_its_total_steps(tmp_path):
     assert res.returncode == 0, res.stderr
 
 
+def test_video_tensorboard_and_plot_of_a_short_run(tmp_path):
+    """--capture-video --tensorboard: a video per evaluation whose last holds the final agent's
+    deterministic episode frame by frame, event files with the CSV's values, progress.png."""
+    import imageio.v3 as iio
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = str(tmp_path / "run")
+    res = run_cli(*E2E, "--eval-episodes", "1", "--out", out, "--capture-video", "--tensorboard")
+    assert res.returncode == 0, res.stderr
+    rows = read_progress(out)
+    assert sorted(os.listdir(os.path.join(out, "videos"))) == sorted(f"step_{r['step']}.mp4" for r in rows)
+    frames = iio.imread(os.path.join(out, "videos", "step_1200.mp4"))
+    env, agent = xinet.make_env("Hopper-v4"), xinet.load_agent(os.path.join(out, "agent.pt"))
+    obs, _ = env.reset(seed=3 + 10_000)
+    length, done = 0, False
+    while not done:
+        obs, _, terminated, truncated, _ = env.step(agent.act(obs))
+        length, done = length + 1, terminated or truncated
+    assert frames.shape == (length + 1, 480, 480, 3) and frames.std() > 0
+    board = EventAccumulator(os.path.join(out, "tb"))
+    board.Reload()
+    for key in ("eval_return", "params", "theta_one", "alive_actor.net.0"):
+        logged = [(e.step, e.value) for e in board.Scalars(key)]
+        assert logged == [(int(r["step"]), pytest.approx(float(r[key]), rel=1e-6)) for r in rows], key
+    assert {"theta/ofenet", "theta/actor", "theta/critic"} <= set(board.Tags()["histograms"])
+    assert open(os.path.join(out, "progress.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert [int(r["step"]) for r in csv.DictReader(open(os.path.join(out, "pruning.csv")))]
+    two = str(tmp_path / "two.png")
+    res = run_cli("--plot", out, out, "--out", two)
+    assert res.returncode == 0 and os.path.getsize(two) > 10_000, res.stderr
+
+
+def test_missing_renderer_is_one_sentence_before_training(tmp_path):
+    env = dict(os.environ, PYTHONWARNINGS="ignore", MUJOCO_GL="osmesa")  # no OSMesa library here
+    res = subprocess.run([sys.executable, os.path.join(HERE, "xinet.py"), *E2E, "--out", str(tmp_path / "r"),
+                          "--capture-video"], cwd=HERE, capture_output=True, text=True, timeout=300, env=env)
+    last = res.stderr.strip().splitlines()[-1]  # after gymnasium's deprecation warning
+    assert res.returncode == 2 and last.startswith("xinet: error: cannot render") and "MUJOCO_GL=egl" in last
+    assert "Traceback" not in res.stderr and not os.path.exists(tmp_path / "r")
+
+
+def test_onnx_export_matches_the_policy(e2e_runs, tmp_path):
+    import onnxruntime
+    out = str(tmp_path / "policy.onnx")
+    res = run_cli("--export", os.path.join(e2e_runs[0], "agent.pt"), "--format", "onnx", "--out", out)
+    assert res.returncode == 0, res.stderr
+    assert "actions equal agent.act's" in res.stdout and "µs per action" in res.stdout
+    agent = xinet.load_agent(os.path.join(e2e_runs[0], "agent.pt"))
+    obs = np.random.default_rng(0).normal(size=(100, agent.obs_dim)).astype(np.float32)
+    session = onnxruntime.InferenceSession(out, providers=["CPUExecutionProvider"])
+    assert np.abs(session.run(None, {"obs": obs})[0] - agent.act(obs)).max() <= 1e-5
+
+
 def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     """A TD target made NaN from the 150th update on (after the checkpoint of step 400): the run
     stops with one sentence and exit code 2, progress.csv ends at the last finite row, and

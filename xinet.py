@@ -25,6 +25,7 @@ import copy
 import csv
 import dataclasses
 import inspect
+import io
 import json
 import math
 import os
@@ -118,12 +119,19 @@ class Config:
     """build the architecture of this checkpoint with fresh weights and no gates"""
     keep_resume: bool = True
     """keep RUN_DIR/resume.pt (buffer, optimizers, RNGs) at the end, so --resume can extend the run"""
+    capture_video: bool = False
+    """render one deterministic episode to RUN_DIR/videos/step_<N>.mp4 at each evaluation"""
+    video_every: int = 0
+    """environment steps between videos (0: at each evaluation)"""
+    tensorboard: bool = False
+    """write progress.csv's columns and the surviving theta per network to RUN_DIR/tb for TensorBoard"""
 
 
 CHOICES = {"estimator": ("flip", "pathwise"), "device": ("auto", "cpu", "cuda")}
 DEFAULT_STRENGTH = {"flip": 30.0, "pathwise": 1.0}
 NETWORKS = ("ofenet", "actor", "critic")
-RESUMABLE = ("total_steps", "threads", "device", "cuda_graphs", "log_every", "keep_resume")  # may change on --resume
+RESUMABLE = ("total_steps", "threads", "device", "cuda_graphs", "log_every", "keep_resume", "capture_video",
+             "video_every", "tensorboard")  # may change on --resume
 
 
 def ofenet_size(env_id: str) -> tuple[int, int]:
@@ -167,7 +175,7 @@ def validate(cfg: Config) -> Config:
         if getattr(cfg, name) <= 0:
             raise UserError(f"{flag(name)} must be positive, got {getattr(cfg, name)}.")
     for name in ("learning_starts", "pretrain_steps", "prune_start", "prune_ramp", "ofe_layers",
-                 "ofe_units", "threads"):
+                 "ofe_units", "threads", "video_every"):
         if getattr(cfg, name) < 0:
             raise UserError(f"{flag(name)} must not be negative, got {getattr(cfg, name)}.")
     for name in ("lr", "critic_lr", "gate_lr"):
@@ -1152,18 +1160,30 @@ def seconds_per_call(fn: Callable[[], object], calls: int, repeat: int = 5) -> f
     return best
 
 
-def export_checkpoint(path: str, out: str = "") -> str:
+def export_checkpoint(path: str, out: str = "", fmt: str = "torchscript") -> str:
     """Write the exported policy of a saved agent as TorchScript, loadable with torch alone
-    (`torch.jit.load(out)(obs)`, or LibTorch from C++); print its size and speed."""
+    (`torch.jit.load(out)(obs)`, or LibTorch from C++), or as ONNX (`onnxruntime`, any
+    language); check it against agent.act on a batch of observations, print its size and speed."""
     agent = load_agent(path)
     policy = export_policy(agent)
-    out = out or os.path.join(os.path.dirname(path), "policy.pt")
-    write_atomically(out, lambda f: torch.jit.save(torch.jit.script(policy), f))
-    loaded = torch.jit.load(out)
-    obs = torch.randn(1, agent.obs_dim)
+    out = out or os.path.join(os.path.dirname(path), "policy.onnx" if fmt == "onnx" else "policy.pt")
+    if fmt == "onnx":
+        import onnxruntime
+        with contextlib.redirect_stdout(io.StringIO()):  # the exporter's progress lines
+            program = torch.onnx.export(policy, (torch.zeros(2, agent.obs_dim),), input_names=["obs"],
+                                        output_names=["action"], dynamic_shapes=({0: torch.export.Dim("batch")},))
+        write_atomically(out, lambda f: f.write(program.model_proto.SerializeToString()))
+        session = onnxruntime.InferenceSession(out, providers=["CPUExecutionProvider"])
+        loaded = lambda x: torch.from_numpy(session.run(None, {"obs": x.numpy()})[0])
+    else:
+        write_atomically(out, lambda f: torch.jit.save(torch.jit.script(policy), f))
+        loaded = torch.jit.load(out)
+    obs = torch.randn(256, agent.obs_dim)
     with torch.inference_mode():
         gap = (loaded(obs) - torch.as_tensor(agent.act(obs.numpy()))).abs().max().item()
-        us = 1e6 * seconds_per_call(lambda: loaded(obs), 2000)
+        if not gap <= 1e-5:
+            raise UserError(f"the exported policy {out} differs from the agent's by {gap:.1e} in its actions.")
+        us = 1e6 * seconds_per_call(lambda: loaded(obs[:1]), 2000)
     print(f"{out}: {sum(p.numel() for p in policy.parameters()):,} parameters, {policy.flops():,} FLOPs "
           f"and {us:.0f} µs per action (batch 1, {torch.get_num_threads()} threads); "
           f"actions equal agent.act's to {gap:.0e}")
@@ -1174,9 +1194,9 @@ def export_checkpoint(path: str, out: str = "") -> str:
 # The loop
 # ----------------------------------------------------------------------------------------------
 
-def make_env(env_id: str) -> gym.Env:
+def make_env(env_id: str, **kw) -> gym.Env:
     try:
-        env = gym.make(env_id)
+        env = gym.make(env_id, **kw)
     except gym.error.Error as e:
         raise UserError(f"cannot make environment {env_id!r}: {e}.") from None
     except Exception as e:  # missing simulator, broken install
@@ -1191,18 +1211,99 @@ def make_env(env_id: str) -> gym.Env:
     return env
 
 
-def evaluate(agent: Agent, env: gym.Env, episodes: int, seed: int) -> np.ndarray:
-    """Returns of `episodes` episodes of the deterministic policy (mean gates)."""
+def evaluate(agent: Agent, env: gym.Env, episodes: int, seed: int, frames: Optional[list] = None) -> np.ndarray:
+    """Returns of `episodes` episodes of the deterministic policy (mean gates); with `frames`,
+    every rendered frame of them is appended to it (env made with render_mode="rgb_array")."""
     returns = []
     for k in range(episodes):
         obs, _ = env.reset(seed=seed + k)
         done, total = False, 0.0
         while not done:
+            if frames is not None:
+                frames.append(env.render())
             obs, reward, terminated, truncated, _ = env.step(agent.act(obs))
             total += float(reward)
             done = terminated or truncated
         returns.append(total)
+    if frames is not None:
+        frames.append(env.render())
     return np.array(returns)
+
+
+# ----------------------------------------------------------------------------------------------
+# What a run shows: videos, TensorBoard, the progress plot
+# ----------------------------------------------------------------------------------------------
+
+def make_video_env(env_id: str) -> gym.Env:
+    """The environment that renders videos, off-screen (MUJOCO_GL=egl unless set); checked with
+    one frame, so a missing renderer ends in one sentence before any training."""
+    os.environ.setdefault("MUJOCO_GL", "egl")  # read when MuJoCo is first imported: before any env
+    if env_id not in gym.registry:
+        make_env(env_id)  # the environment's own error
+    try:
+        env = gym.make(env_id, render_mode="rgb_array")
+        env.reset(seed=0)
+        assert env.render() is not None, "no frame"
+    except Exception as e:
+        raise UserError(f"cannot render {env_id} off-screen ({type(e).__name__}: {e}); set MUJOCO_GL=egl or "
+                        "MUJOCO_GL=osmesa (with that library installed), or drop --capture-video.") from None
+    return env
+
+
+def record_video(agent: Agent, env: gym.Env, path: str, seed: int) -> int:
+    """One deterministic episode as an mp4 (imageio's ffmpeg plugin); returns its frame count."""
+    import imageio
+    frames = []
+    evaluate(agent, env, 1, seed, frames)
+    with user_path(os.path.dirname(path), "create"):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    with user_path(path):
+        imageio.mimwrite(path, frames, fps=env.metadata.get("render_fps", 30), macro_block_size=1)
+    return len(frames)
+
+
+def tensorboard_row(writer, row: dict, agent: Agent) -> None:
+    """Every progress.csv column as a scalar, and per network the histogram of surviving theta."""
+    for key, value in row.items():
+        if key != "step" and math.isfinite(value):
+            writer.add_scalar(key, value, row["step"])
+    for name, net in agent.networks().items():
+        theta = torch.cat([layer.theta.detach().cpu() for layer in gated_layers(net)] or [torch.zeros(0)])
+        if (theta > 0).any():
+            writer.add_histogram(f"theta/{name}", theta[theta > 0], row["step"])
+    writer.flush()
+
+
+def plot_progress(run_dirs: list[str], path: str) -> str:
+    """Evaluation and training return, parameters (% of dense) and FLOPs per action against
+    steps, for one run or several on one figure; each pruning event a tick (pruning.csv)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    for k, run in enumerate(run_dirs):
+        with user_path(os.path.join(run, "progress.csv"), "read") as csv_path, open(csv_path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        col = lambda key: np.array([float(r.get(key) or "nan") for r in rows])
+        step, label, color = col("step"), os.path.basename(os.path.normpath(run)), f"C{k}"
+        axes[0].plot(step, col("eval_return"), color=color, marker=".", label=f"{label}: evaluation")
+        axes[0].plot(step, col("train_return"), color=color, ls="--", label=f"{label}: training")
+        axes[1].plot(step, 100 * col("params") / col("dense_params"), color=color, marker=".", label=label)
+        axes[2].plot(step, col("flops_per_action"), color=color, marker=".", label=label)
+        if os.path.exists(os.path.join(run, "pruning.csv")):
+            with open(os.path.join(run, "pruning.csv"), newline="") as f:
+                events = [int(r["step"]) for r in csv.DictReader(f)]
+            for ax in axes[1:]:
+                ax.plot(events, np.zeros(len(events)), "|", color=color, ms=12, transform=ax.get_xaxis_transform())
+    for ax, title in zip(axes, ("return", "parameters, % of dense (ticks: pruning events)", "FLOPs per action")):
+        ax.set(title=title, xlabel="environment steps")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    with user_path(path):
+        fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def pick_device(name: str) -> torch.device:
@@ -1379,6 +1480,7 @@ def train(cfg: Config, on_eval: Optional[Callable[[int, "Agent"], None]] = None,
     device = pick_device(cfg.device)
     cfg.out = run_dir = cfg.out or os.path.join("runs", f"{cfg.env}__{cfg.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
     resume_path = os.path.join(run_dir, "resume.pt")
+    video_env = make_video_env(cfg.env) if cfg.capture_video else None  # before MuJoCo's first import
     env, eval_env = make_env(cfg.env), make_env(cfg.env)
     if resume:  # the interrupted episode is dropped: the environment starts a new one
         agent, buffer, loop = load_resume(resume_path, env, device)
@@ -1404,6 +1506,10 @@ def train(cfg: Config, on_eval: Optional[Callable[[int, "Agent"], None]] = None,
         json.dump(dataclasses.asdict(cfg), f, indent=2)
     gate_start = max(cfg.prune_start, cfg.learning_starts)
     log = ProgressLog(os.path.join(run_dir, "progress.csv"), after=loop["step"] if resume else None)
+    prunings = ProgressLog(os.path.join(run_dir, "pruning.csv"), after=loop["step"] if resume else None)
+    if cfg.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+        board = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=loop["step"] + 1 if resume else None)
     print(f"xinet: {cfg.env} on {device}, {agent.num_params():,} parameters, run dir {run_dir}"
           + (f", resumed at step {loop['step']:,}" if resume else ""), flush=True)
 
@@ -1459,7 +1565,10 @@ def train(cfg: Config, on_eval: Optional[Callable[[int, "Agent"], None]] = None,
             gate_step = gates_on and (step - gate_start) % cfg.gate_every == 0
             learner(gate_step, cfg.prune_strength * min(1.0, (step - gate_start) / max(cfg.prune_ramp, 1)))
             if gates_on and (step - gate_start) % cfg.prune_every == 0:
-                loop["pruned"] += agent.prune()
+                removed = agent.prune()
+                if removed:
+                    loop["pruned"] += removed
+                    prunings.write({"step": step, "units_removed": removed, "params": agent.num_params()})
 
         if step % cfg.eval_every == 0 or step == cfg.total_steps:
             train_rate = (step - steps_at_row) / (time.perf_counter() - t_row)  # evaluation excluded
@@ -1470,7 +1579,7 @@ def train(cfg: Config, on_eval: Optional[Callable[[int, "Agent"], None]] = None,
                    "train_return": float(np.mean(train_returns)) if train_returns else float("nan"),
                    "params": agent.num_params(), "expected_params": agent.expected_params().item(),
                    **{f"params_{k}": v for k, v in agent.network_params().items()},
-                   "flops_per_action": agent.flops_per_action(), **theta_summary(agent),
+                   "dense_params": agent.dense_params, "flops_per_action": agent.flops_per_action(), **theta_summary(agent),
                    "alpha": agent.log_alpha.exp().item(),
                    **{f"loss_scale_{k}": agent.loss_scale[k].item() if k in agent.loss_scale else float("nan")
                       for k in agent.networks()},
@@ -1478,9 +1587,15 @@ def train(cfg: Config, on_eval: Optional[Callable[[int, "Agent"], None]] = None,
                    "steps_per_sec": train_rate, "time": elapsed, "max_rss_mb": max_rss_mb()}
             train_returns.clear()
             checkpoint(step, returns, row)
+            plot_progress([run_dir], os.path.join(run_dir, "progress.png"))
+            if cfg.tensorboard:
+                tensorboard_row(board, row, agent)
             if on_eval is not None:
                 on_eval(step, agent)
             t_row, steps_at_row = time.perf_counter(), step
+        if video_env is not None and (step % cfg.video_every == 0 if cfg.video_every else
+                                      step % cfg.eval_every == 0 or step == cfg.total_steps):
+            record_video(agent, video_env, os.path.join(run_dir, "videos", f"step_{step}.mp4"), cfg.seed + 10_000)
         if stop[0]:
             checkpoint(step)
             raise Stopped(stop[0], step)
@@ -1493,8 +1608,11 @@ def train(cfg: Config, on_eval: Optional[Callable[[int, "Agent"], None]] = None,
             print(f"step {step:>8,}  {rate:6.1f} steps/s  eta {eta / 60:6.1f} min  "
                   f"eval {last_eval:8.1f}  units {sum(agent.alive_units().values()):5d}  "
                   f"params {agent.num_params():>9,}  pruned {loop['pruned']}", flush=True)
-    env.close()
-    eval_env.close()
+    for e in (env, eval_env, video_env):
+        if e is not None:
+            e.close()
+    if cfg.tensorboard:
+        board.close()
     if not cfg.keep_resume:
         os.remove(resume_path)
     return run_dir
@@ -1588,11 +1706,15 @@ def parse_args(argv=None) -> tuple[Config, set[str], argparse.Namespace]:
     parser.add_argument("--eval", metavar="CKPT", default=None,
                         help="load a saved agent, evaluate it and print its return and size")
     parser.add_argument("--export", metavar="CKPT", default=None,
-                        help="write a saved agent's policy as a standalone TorchScript file (--out: where; default beside CKPT)")
+                        help="write a saved agent's policy as a standalone file (--out: where; default beside CKPT)")
+    parser.add_argument("--format", choices=("torchscript", "onnx"), default="torchscript",
+                        help="the --export file: TorchScript (torch alone) or ONNX (ONNX Runtime)")
+    parser.add_argument("--plot", metavar="RUN", nargs="+", default=None,
+                        help="plot these runs' progress on one figure (--out: the PNG; default progress.png)")
     parser.add_argument("--resume", metavar="RUN_DIR", default=None,
                         help=f"continue the run in RUN_DIR from its last checkpoint; only {', '.join(map(flag, RESUMABLE))} may change")
     args = vars(parser.parse_args(argv))
-    other = argparse.Namespace(eval=args.pop("eval"), export=args.pop("export"), resume=args.pop("resume"))
+    other = argparse.Namespace(**{k: args.pop(k) for k in ("eval", "export", "format", "resume", "plot")})
     given = {k: v for k, v in args.items() if v is not None}
     return Config(**given), set(given), other
 
@@ -1624,6 +1746,7 @@ def resume_config(run_dir: str, cli: Config, given: set[str]) -> Config:
 def evaluate_checkpoint(cfg: Config, path: str) -> None:
     device = pick_device(cfg.device)
     agent = load_agent(path, device)
+    video_env = make_video_env(agent.cfg.env) if cfg.capture_video else None  # before MuJoCo's first import
     env = make_env(agent.cfg.env)
     if env.observation_space.shape[0] != agent.obs_dim:
         raise UserError(f"{path} does not fit {agent.cfg.env}'s observations.")
@@ -1631,6 +1754,10 @@ def evaluate_checkpoint(cfg: Config, path: str) -> None:
     print(f"{agent.cfg.env}: return {returns.mean():.1f} +- {returns.std():.1f} over {len(returns)} episodes; "
           f"{agent.num_params():,} parameters, {agent.flops_per_action():,} FLOPs per action, "
           f"units {agent.alive_units()}")
+    if cfg.capture_video:
+        video = cfg.out or os.path.join(os.path.dirname(path), "videos", "eval.mp4")
+        frames = record_video(agent, video_env, video, cfg.seed + 10_000)
+        print(f"{video}: the first episode, {frames} frames")
 
 
 def main(argv=None) -> int:
@@ -1639,11 +1766,13 @@ def main(argv=None) -> int:
         if other.eval:
             validate(cfg)
             evaluate_checkpoint(cfg, other.eval)
+        elif other.plot:
+            print(plot_progress(other.plot, cfg.out or "progress.png"))
         elif other.export:
             validate(cfg)
             if cfg.threads:
                 torch.set_num_threads(cfg.threads)
-            export_checkpoint(other.export, cfg.out)
+            export_checkpoint(other.export, cfg.out, other.format)
         else:
             if other.resume:
                 cfg = resume_config(other.resume, cfg, given)
