@@ -1277,10 +1277,9 @@ def tensorboard_row(writer, row: dict, agent: Agent) -> None:
 def plot_progress(run_dirs: list[str], path: str) -> str:
     """Evaluation and training return, parameters (% of dense) and FLOPs per action against
     steps, for one run or several on one figure; each pruning event a tick (pruning.csv)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    from matplotlib.figure import Figure  # no pyplot: a notebook's own backend stays as it is
+    fig = Figure(figsize=(16, 4.2))
+    axes = fig.subplots(1, 3)
     for k, run in enumerate(run_dirs):
         with user_path(os.path.join(run, "progress.csv"), "read") as csv_path, open(csv_path, newline="") as f:
             rows = list(csv.DictReader(f))
@@ -1302,7 +1301,6 @@ def plot_progress(run_dirs: list[str], path: str) -> str:
     fig.tight_layout()
     with user_path(path):
         fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
