@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import sys
 import time
+import timeit
 
 import numpy as np
 import torch
@@ -136,6 +137,13 @@ def matmul_floor(agent: xinet.Agent, batch_tensors, gates_on: bool, device: torc
 # The machine's matmul rate
 # ----------------------------------------------------------------------------------------------
 
+def seconds_per_call(fn, calls: int, repeat: int = 5) -> float:
+    """Wall time of one call of fn: the best of `repeat` rounds of `calls` calls, the round
+    least disturbed by other work on the machine."""
+    fn()
+    return min(timeit.repeat(fn, number=calls, repeat=repeat)) / calls
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -166,7 +174,7 @@ def prune_at_random(agent: xinet.Agent, fraction: float, seed: int = 0) -> None:
     Each gated unit survives with probability q, and q is bisected on P(theta) itself (Eq. 4),
     so the compacted agent has `fraction` of the parameters, up to the randomness of the draw.
     """
-    layers = agent.gated()
+    layers = agent.gated
     g = torch.Generator().manual_seed(seed)
     draws = [torch.rand(layer.out_features, generator=g) for layer in layers]
     lo, hi = 0.0, 1.0
@@ -193,7 +201,7 @@ def bench_one(name: str, cfg: xinet.Config, device: torch.device, steps: int, wa
         obs, _, done = xinet.env_step(env, buffer, obs, env.action_space.sample())
         if done:
             obs, _ = env.reset()
-    gates_on = cfg.gates and bool(agent.thetas())
+    gates_on = cfg.gates and bool([layer.theta for layer in agent.gated])
     graphs = device.type == "cuda" and cfg.cuda_graphs
     learner, explore = xinet.Learner(agent, buffer, BATCH, graphs), xinet.Explorer(agent, graphs)
     k = cfg.gate_every if gates_on else 1  # per-update counts: the mean over one gate cycle
@@ -227,7 +235,7 @@ def bench_one(name: str, cfg: xinet.Config, device: torch.device, steps: int, wa
     # on a GPU the products replayed one launch at a time would time the launches, not the products
     floor = cycle(lambda g: matmul_floor(agent, buffer.sample(BATCH), g, device)) if device.type == "cpu" else float("nan")
     env.close()
-    return {"config": name, "params": agent.num_params(), "steps_per_s": 1 / step_time,
+    return {"config": name, "params": agent.sizes()["params"], "steps_per_s": 1 / step_time,
             "update_ms": 1e3 * update_time, "mflop": flops / 1e6, "gflops": flops / update_time / 1e9,
             "kernels": kernels, "matmul_ms": 1e3 * floor}
 
@@ -250,10 +258,10 @@ def deploy_table(ckpt: str) -> None:
         policy = torch.jit.script(xinet.export_policy(agent))
         with torch.inference_mode():
             exported = lambda x: policy(torch.from_numpy(x)).numpy()
-            t = [xinet.seconds_per_call(lambda: agent.act(one), 2000) * 1e6,
-                 xinet.seconds_per_call(lambda: exported(one[None])[0], 2000) * 1e6,
-                 xinet.seconds_per_call(lambda: agent.act(many), 50) * 1e3,
-                 xinet.seconds_per_call(lambda: exported(many), 50) * 1e3]
+            t = [seconds_per_call(lambda: agent.act(one), 2000) * 1e6,
+                 seconds_per_call(lambda: exported(one[None])[0], 2000) * 1e6,
+                 seconds_per_call(lambda: agent.act(many), 50) * 1e3,
+                 seconds_per_call(lambda: exported(many), 50) * 1e3]
         times[name] = t
         plain = xinet.export_policy(agent)
         print(f"| {name} | {sum(p.numel() for p in plain.parameters()):,} | {plain.flops():,} | "

@@ -61,8 +61,8 @@ def unit_prices(path: str, batch: int = 1024, seed: int = 0) -> dict:
     if agent.ofenet is not None:
         losses["ofenet"] = (agent.ofenet, lambda: (agent.ofenet.predict_next_obs(obs, action) - next_obs).pow(2).mean(-1))
     with torch.enable_grad():
-        cost = torch.autograd.grad(agent.expected_params() / agent.dense_params, agent.thetas())
-    cost = dict(zip(agent.gated(), cost))
+        cost = torch.autograd.grad(agent.expected_params() / agent.dense_params, [layer.theta for layer in agent.gated])
+    cost = dict(zip(agent.gated, cost))
     report = {"step": loop["step"], "last_eval": loop["last_eval"]}
     gamma = saved["config"]["prune_strength"] if saved["config"]["gates"] else 0.0
     for name, (net, loss) in losses.items():
@@ -136,7 +136,7 @@ def settle(momentum: float, strength: float, updates: int, gate_lr: float = 1e-3
         xinet.gate_step(agent, strength * min(1.0, u / 3000))
         if u % cfg.prune_every == 0:
             agent.prune()
-    theta = torch.cat([t.detach() for t in agent.thetas()])
+    theta = torch.cat([t.detach() for t in [layer.theta for layer in agent.gated]])
     with torch.no_grad():
         mse = (agent.ofenet.predict_next_obs(held_out[0], held_out[1]) - held_out[3]).pow(2).mean()
     return {"momentum": momentum, "strength": strength, "updates": updates, "alive": int((theta > 0).sum()),

@@ -31,7 +31,6 @@ import math
 import os
 import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
@@ -165,22 +164,20 @@ def user_path(path: str, verb: str = "write"):
         raise UserError(f"cannot {verb} {path} ({e.strerror or e}).") from None
 
 
+POSITIVE = ("total_steps", "batch_size", "buffer_size", "eval_every", "eval_episodes", "prune_every", "gate_every",
+            "hidden", "log_every", "lr", "critic_lr", "gate_lr")
+NOT_NEGATIVE = ("learning_starts", "pretrain_steps", "prune_start", "prune_ramp", "ofe_layers", "ofe_units", "threads",
+                "video_every")
+
+
 def validate(cfg: Config) -> Config:
     """Check the values a user can get wrong and fill in the estimator's default strength."""
     for f in dataclasses.fields(cfg):
-        if f.type in ("float", float) and not math.isfinite(getattr(cfg, f.name)):
-            raise UserError(f"{flag(f.name)} must be a finite number, got {getattr(cfg, f.name)}.")
-    for name in ("total_steps", "batch_size", "buffer_size", "eval_every", "eval_episodes",
-                 "prune_every", "gate_every", "hidden", "log_every"):
-        if getattr(cfg, name) <= 0:
-            raise UserError(f"{flag(name)} must be positive, got {getattr(cfg, name)}.")
-    for name in ("learning_starts", "pretrain_steps", "prune_start", "prune_ramp", "ofe_layers",
-                 "ofe_units", "threads", "video_every"):
-        if getattr(cfg, name) < 0:
-            raise UserError(f"{flag(name)} must not be negative, got {getattr(cfg, name)}.")
-    for name in ("lr", "critic_lr", "gate_lr"):
-        if not getattr(cfg, name) > 0:
-            raise UserError(f"{flag(name)} must be positive, got {getattr(cfg, name)}.")
+        value, name = getattr(cfg, f.name), flag(f.name)
+        if f.type in ("float", float) and not math.isfinite(value):
+            raise UserError(f"{name} must be a finite number, got {value}.")
+        if (f.name in POSITIVE and not value > 0) or (f.name in NOT_NEGATIVE and value < 0):
+            raise UserError(f"{name} must {'be positive' if f.name in POSITIVE else 'not be negative'}, got {value}.")
     if not (0 < cfg.discount <= 1 and 0 < cfg.tau <= 1 and 0 <= cfg.loss_ema < 1 and 0 <= cfg.gate_momentum < 1):
         raise UserError("--discount and --tau must lie in (0, 1], --loss-ema and --gate-momentum in [0, 1).")
     unknown = set(filter(None, cfg.gate.split(","))) - set(NETWORKS)
@@ -266,10 +263,6 @@ class GatedLinear(nn.Module):
     def out_features(self) -> int:
         return self.linear.out_features
 
-    def expected_width(self) -> torch.Tensor | int:
-        """E[number of units present] = sum_j theta_j (the full width when ungated)."""
-        return self.theta.sum() if self.theta is not None else self.out_features
-
     def _normalize(self, z: torch.Tensor) -> torch.Tensor:
         if self.flip is not None:  # replay pass: the main pass's batch statistics, no update
             mean, var = self._batch_stats
@@ -325,15 +318,12 @@ class GatedLinear(nn.Module):
             self.linear.in_features = self.linear.weight.shape[1]
         if keep_out is not None and not bool(keep_out.all()):
             index = keep_out.nonzero().squeeze(1)
-            cut(self.linear, "weight", 0, index)
-            cut(self.linear, "bias", 0, index)
-            if self.theta is not None:
-                cut(self, "theta", 0, index)
+            rows = [(self.linear, "weight"), (self.linear, "bias"), (self, "theta"), (self.bn, "weight"), (self.bn, "bias")]
+            for module, name in rows:
+                if getattr(module, name, None) is not None:
+                    cut(module, name, 0, index)
             if self.bn is not None:
-                cut(self.bn, "weight", 0, index)
-                cut(self.bn, "bias", 0, index)
-                self.bn.running_mean = self.bn.running_mean[index]
-                self.bn.running_var = self.bn.running_var[index]
+                self.bn.running_mean, self.bn.running_var = self.bn.running_mean[index], self.bn.running_var[index]
                 self.bn.num_features = len(index)
             self.linear.out_features = len(index)
             self.xi = self.gate = self.flip = self._batch_stats = None
@@ -612,14 +602,17 @@ def prune_units(wiring: Wiring, optimizers=()) -> None:
 # ----------------------------------------------------------------------------------------------
 
 class Agent(nn.Module):
-    """OFENet + SAC with Bernoulli gates; owns the networks, their optimizers and the pruning."""
+    """OFENet + SAC with Bernoulli gates; owns the networks, their optimizers and the pruning.
+
+    `nets` names the online networks, `gated` lists their layers that carry gates (target
+    critics excluded; pruning shrinks layers in place and never removes one), `opts` the Adam
+    optimizers: ofenet, actor, critic, alpha (the temperature) and gates (every theta).
+    """
 
     def __init__(self, cfg: Config, obs_dim: int, act_low: np.ndarray, act_high: np.ndarray,
                  widths: Optional[dict[str, list]] = None, device: torch.device | str = "cpu"):
         super().__init__()
-        self.cfg = cfg
-        act_dim = len(act_low)
-        self.obs_dim, self.act_dim = obs_dim, act_dim
+        self.cfg, self.obs_dim, self.act_dim = cfg, obs_dim, len(act_low)
         gated = set(filter(None, cfg.gate.split(","))) if cfg.gates else set()
         est = cfg.estimator
         layers, units = ofenet_size(cfg.env)
@@ -627,56 +620,34 @@ class Agent(nn.Module):
         w = widths or {"state": [units] * layers, "state_action": [units] * layers,
                        "actor": [cfg.hidden] * 2, "critic": [[cfg.hidden] * 2] * 2}
         if cfg.ofenet:
-            self.ofenet = OFENet(obs_dim, act_dim, w["state"], w["state_action"], "ofenet" in gated, est)
+            self.ofenet = OFENet(obs_dim, self.act_dim, w["state"], w["state_action"], "ofenet" in gated, est)
             zo_dim, zoa_dim = self.ofenet.state_dim, self.ofenet.state_action_dim
         else:
-            self.ofenet = None
-            zo_dim, zoa_dim = obs_dim, obs_dim + act_dim
+            self.ofenet, zo_dim, zoa_dim = None, obs_dim, obs_dim + self.act_dim
         self.actor = Actor(zo_dim, w["actor"], act_low, act_high, "actor" in gated, est)
         self.critic = Critic(zoa_dim, w["critic"], "critic" in gated, est)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
-        self._gated = [layer for net in self.networks().values() for layer in gated_layers(net)]
+        self.nets = {k: v for k, v in (("ofenet", self.ofenet), ("actor", self.actor), ("critic", self.critic)) if v is not None}
+        self.gated = [layer for net in self.nets.values() for layer in gated_layers(net)]
         self.log_alpha = nn.Parameter(torch.zeros(()))
-        self.target_entropy = -float(act_dim)
+        self.target_entropy = -float(self.act_dim)
         # divergence guard, kept on the device: is each of HEALTH finite so far, in how many updates
         self.register_buffer("finite", torch.ones(len(HEALTH), dtype=torch.bool), persistent=False)
         self.register_buffer("finite_updates", torch.zeros((), dtype=torch.long), persistent=False)
         self.to(device)
-
-        def adam(params, lr, beta1=0.9, beta2=0.999):  # one fused kernel per step; graph-capturable on a GPU
-            params = list(params)
-            cuda = torch.device(device).type == "cuda"
-            return torch.optim.Adam(params, lr=lr, betas=(beta1, beta2), fused=True, capturable=cuda) if params else None
-
-        self.ofenet_opt = adam(weights(self.ofenet), cfg.lr) if self.ofenet else None
-        self.actor_opt = adam(weights(self.actor), cfg.lr)
-        self.critic_opt = adam(weights(self.critic), cfg.critic_lr)
-        self.alpha_opt = adam([self.log_alpha], cfg.critic_lr)
         k = cfg.gate_every  # one gate step per k environment steps: the same speed and memory per step
-        self.gate_opt = adam(self.thetas(), cfg.gate_lr * k, cfg.gate_momentum ** k, 0.999 ** k)
+        params = {"ofenet": (weights(self.ofenet) if self.ofenet else [], cfg.lr), "actor": (weights(self.actor), cfg.lr),
+                  "critic": (weights(self.critic), cfg.critic_lr), "alpha": ([self.log_alpha], cfg.critic_lr),
+                  "gates": ([layer.theta for layer in self.gated], cfg.gate_lr * k, (cfg.gate_momentum ** k, 0.999 ** k))}
+        cuda = torch.device(device).type == "cuda"  # one fused kernel per step; graph-capturable on a GPU
+        self.opts = {name: torch.optim.Adam(p, lr=lr, betas=betas[0] if betas else (0.9, 0.999), fused=True, capturable=cuda)
+                     for name, (p, lr, *betas) in params.items() if p}
         self.loss_scale: dict[str, torch.Tensor] = {}  # s_N of Eq. 3, per network
-        self.param_count = ExpectedParams(self.wiring(targets=False))  # P(theta), Eq. 4
+        self.expected_params = ExpectedParams(self.wiring(targets=False))  # P(theta), Eq. 4: agent.expected_params()
         self.dense_params = self.expected_params().item()  # P(1): every theta starts at 1
         self.eval()  # mean gates and BN running statistics, except in a network's training pass
 
     # --- structure -----------------------------------------------------------------------------
-    def networks(self) -> dict[str, nn.Module]:
-        nets = {"ofenet": self.ofenet, "actor": self.actor, "critic": self.critic}
-        return {k: v for k, v in nets.items() if v is not None}
-
-    def gated(self) -> list[GatedLinear]:
-        """The online layers that carry gates (target critics excluded). Pruning shrinks
-        layers in place and never removes one, so the list is built once, in __init__."""
-        return self._gated
-
-    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        opts = {"ofenet": self.ofenet_opt, "actor": self.actor_opt, "critic": self.critic_opt,
-                "alpha": self.alpha_opt, "gates": self.gate_opt}
-        return {k: opt for k, opt in opts.items() if opt is not None}
-
-    def thetas(self) -> list[nn.Parameter]:
-        return [layer.theta for layer in self.gated()]
-
     def wiring(self, targets: bool = True) -> Wiring:
         """Every linear layer with the segments its input is concatenated from, in order.
 
@@ -693,45 +664,12 @@ class Agent(nn.Module):
             wires.append((self.ofenet.head, z_oa))
         else:
             z_o, z_oa = [o], [o, a]
-
-        def chain(net: nn.Sequential, inputs: list[Source]):
-            for layer in net:
+        for net, inputs in [(self.actor.net, z_o), *[(q, z_oa) for q in self.critic.qs],
+                            *[(q, z_oa) for q in (self.critic_target.qs if targets else [])]]:
+            for layer in net:  # an MLP: each layer reads the one before
                 wires.append((layer, inputs))
                 inputs = [layer]
-
-        chain(self.actor.net, z_o)
-        for q in self.critic.qs:
-            chain(q, z_oa)
-        if targets:
-            for q in self.critic_target.qs:
-                chain(q, z_oa)
         return wires
-
-    def expected_params(self) -> torch.Tensor:
-        """P(theta) of OFENet (with its head), actor and both critics (Eq. 4), a scalar tensor."""
-        return self.param_count()
-
-    def num_params(self) -> int:
-        """Actual weights, biases and BN affine parameters, targets, theta and alpha excluded."""
-        return sum(p.numel() for layer, _ in self.wiring(targets=False)
-                   for n, p in layer.named_parameters() if n != "theta")
-
-    def network_params(self) -> dict[str, int]:
-        return {name: sum(p.numel() for p in weights(net))
-                for name, net in self.networks().items()}
-
-    def architecture(self) -> tuple[int, ...]:
-        """Width of every gated layer: changes exactly when pruning removes a unit."""
-        return tuple(layer.out_features for layer in self.gated())
-
-    def widths(self) -> dict[str, list]:
-        """Hidden widths per layer: enough to rebuild this (possibly pruned) architecture."""
-        hidden = lambda seq: [layer.out_features for layer in list(seq)[:-1]]
-        w = {"actor": hidden(self.actor.net), "critic": [hidden(q) for q in self.critic.qs]}
-        if self.ofenet is not None:
-            w["state"] = [layer.out_features for layer in self.ofenet.state_block]
-            w["state_action"] = [layer.out_features for layer in self.ofenet.sa_block]
-        return w
 
     def hidden_layers(self) -> dict[str, GatedLinear]:
         """Every online layer whose units can be gated: OFENet's blocks, actor and critic hidden
@@ -739,20 +677,37 @@ class Agent(nn.Module):
         blocks = {}
         if self.ofenet is not None:
             blocks = {"ofenet.state_block": self.ofenet.state_block, "ofenet.sa_block": self.ofenet.sa_block}
-        blocks["actor.net"] = list(self.actor.net)[:-1]  # an MLP's last layer is its output
-        blocks.update({f"critic.qs.{k}": list(q)[:-1] for k, q in enumerate(self.critic.qs)})
+        blocks["actor.net"] = self.actor.net[:-1]  # an MLP's last layer is its output
+        blocks.update({f"critic.qs.{k}": q[:-1] for k, q in enumerate(self.critic.qs)})
         return {f"{prefix}.{k}": layer for prefix, block in blocks.items() for k, layer in enumerate(block)}
 
-    def alive_units(self) -> dict[str, int]:
-        """Units present (theta > 0, or ungated) per hidden layer."""
-        return {name: int((m.theta > 0).sum()) if m.theta is not None else m.out_features
-                for name, m in self.hidden_layers().items()}
+    def widths(self) -> dict[str, list]:
+        """Hidden widths per layer: enough to rebuild this (possibly pruned) architecture."""
+        hidden = lambda layers: [layer.out_features for layer in layers]
+        w = {"actor": hidden(self.actor.net[:-1]), "critic": [hidden(q[:-1]) for q in self.critic.qs]}
+        if self.ofenet is not None:
+            w.update(state=hidden(self.ofenet.state_block), state_action=hidden(self.ofenet.sa_block))
+        return w
 
-    def flops_per_action(self) -> int:
-        """Multiply-adds x 2 of one deterministic action of the deployed policy (phi_o + actor)."""
-        layers = list(self.ofenet.state_block) if self.ofenet is not None else []
-        layers += list(self.actor.net)
-        return sum(2 * l.linear.in_features * l.out_features for l in layers)
+    @torch.no_grad()
+    def sizes(self) -> dict[str, float]:
+        """What the agent costs, all derived from its layers: `params` (weights, biases, BN affine;
+        no targets, theta or alpha), P(theta), `params_<network>`, P(1), the FLOPs (multiply-adds x 2)
+        of one deterministic action (phi_o + actor), surviving theta at 1 and inside (0, 1) in all
+        and per network, and `alive_<layer>`, the units present in each hidden layer."""
+        count = lambda mods: sum(p.numel() for m in mods for n, p in m.named_parameters() if not n.endswith("theta"))
+        acting = (list(self.ofenet.state_block) if self.ofenet is not None else []) + list(self.actor.net)
+        s = {"params": count(layer for layer, _ in self.wiring(targets=False)),
+             "expected_params": self.expected_params().item(),
+             **{f"params_{k}": count([net]) for k, net in self.nets.items()}, "dense_params": self.dense_params,
+             "flops_per_action": sum(2 * layer.linear.in_features * layer.out_features for layer in acting)}
+        thetas = {k: torch.cat([l.theta.cpu() for l in gated_layers(net)] or [torch.zeros(0)]) for k, net in self.nets.items()}
+        counts = {f"theta_{kind}_{k}": int(test(t).sum()) for k, t in thetas.items()
+                  for kind, test in (("one", lambda t: t == 1), ("inside", lambda t: (t > 0) & (t < 1)))}
+        for kind in ("one", "inside"):
+            s[f"theta_{kind}"] = sum(v for k, v in counts.items() if k.startswith(f"theta_{kind}_"))
+        return {**s, **counts, **{f"alive_{k}": int((m.theta > 0).sum()) if m.theta is not None else m.out_features
+                                  for k, m in self.hidden_layers().items()}}
 
     # --- acting ------------------------------------------------------------------------------
     def state_features(self, obs: torch.Tensor) -> torch.Tensor:
@@ -782,9 +737,7 @@ class Agent(nn.Module):
         self.eval()
         return self.critic(self.state_action_features(self.state_features(obs), action))
 
-    # ------------------------------------------------------------------------------------------
-    # Pruning
-    # ------------------------------------------------------------------------------------------
+    # --- pruning -------------------------------------------------------------------------------
     @torch.no_grad()
     def copy_gates_to_targets(self) -> None:
         """Target critics' theta mirror the online critics' (so both prune the same units)."""
@@ -794,10 +747,10 @@ class Agent(nn.Module):
     def prune(self) -> int:
         """Remove every unit whose theta is exactly 0 from every network, the target critics
         and the optimizers' state (Section 4); returns the number of units removed."""
-        width = lambda: sum(layer.out_features for layer in self.gated())
+        width = lambda: sum(layer.out_features for layer in self.gated)
         before = width()
         self.copy_gates_to_targets()
-        prune_units(self.wiring(targets=True), self.optimizers().values())
+        prune_units(self.wiring(targets=True), self.opts.values())
         self.mark_sure_gates()
         return before - width()
 
@@ -805,7 +758,7 @@ class Agent(nn.Module):
     def mark_sure_gates(self) -> None:
         """Mark the layers whose every theta is exactly 1: their xi is 1 surely, so until the
         next gate step they skip drawing it. One host sync, after a gate step, outside `update`."""
-        layers = self.gated() + gated_layers(self.critic_target)
+        layers = self.gated + gated_layers(self.critic_target)
         if layers:
             inside = torch.stack([(layer.theta < 1).any() for layer in layers]).tolist()
             for layer, below_one in zip(layers, inside):
@@ -833,8 +786,7 @@ def loss_scale(agent: Agent, key: str, losses: torch.Tensor) -> torch.Tensor:
     return agent.loss_scale[key].clamp_min(1e-8)
 
 
-def train_network(agent: Agent, key: str, net: nn.Module, optimizer: torch.optim.Optimizer,
-                  per_example_loss: Callable[[], torch.Tensor], gates_on: bool,
+def train_network(agent: Agent, key: str, net: nn.Module, per_example_loss: Callable[[], torch.Tensor], gates_on: bool,
                   groups: Optional[list[list[GatedLinear]]] = None) -> torch.Tensor:
     """One gradient step of network `net` on its own loss; writes theta.grad of E[loss]/s_N.
 
@@ -846,6 +798,7 @@ def train_network(agent: Agent, key: str, net: nn.Module, optimizer: torch.optim
     losses = per_example_loss()
     loss = losses.sum(-1).mean()
     layers = gated_layers(net) if gates_on else []
+    optimizer = agent.opts[key]
     optimizer.zero_grad(set_to_none=True)
     loss.backward(inputs=weights(net) + [layer.theta for layer in layers])  # theta: pathwise (Eq. 5)
     if layers and agent.cfg.estimator == "flip":
@@ -865,7 +818,7 @@ def update_ofenet(agent: Agent, obs, action, next_obs, gates_on: bool) -> torch.
     """Auxiliary loss: MSE of the predicted next observation, per example (B, 1)."""
     ofenet = agent.ofenet
     errors = lambda: (ofenet.predict_next_obs(obs, action) - next_obs).pow(2).mean(-1, keepdim=True)
-    return train_network(agent, "ofenet", ofenet, agent.ofenet_opt, errors, gates_on)
+    return train_network(agent, "ofenet", ofenet, errors, gates_on)
 
 
 @torch.no_grad()
@@ -881,7 +834,7 @@ def gate_step(agent: Agent, strength: float | torch.Tensor) -> None:
     cost (fan-in + one weight per downstream reader), the cost-aware regulariser. The last unit
     of an MLP hidden layer is not allowed to leave. Target critics' gates mirror the online ones.
     """
-    layers = agent.gated()
+    layers = agent.gated
     if not layers:
         return
     thetas = [layer.theta for layer in layers]
@@ -891,8 +844,8 @@ def gate_step(agent: Agent, strength: float | torch.Tensor) -> None:
         if t.grad is None:
             t.grad = torch.zeros_like(t)
     torch._foreach_add_([t.grad for t in thetas], torch._foreach_mul(cost, strength))
-    agent.gate_opt.step()
-    agent.gate_opt.zero_grad(set_to_none=True)
+    agent.opts["gates"].step()
+    agent.opts["gates"].zero_grad(set_to_none=True)
     project_gates_(layers, before)
     agent.copy_gates_to_targets()
     for layer in layers + gated_layers(agent.critic_target):  # theta moved: Agent.mark_sure_gates
@@ -903,9 +856,9 @@ def update_temperature(agent: Agent, log_prob: torch.Tensor) -> None:
     """alpha <- alpha - lr * d/dlog(alpha) [-log(alpha) (log pi + target_entropy)]: alpha grows
     while the policy's entropy -log pi is below the target -d_a, and shrinks above it."""
     loss = -(agent.log_alpha * (log_prob.detach() + agent.target_entropy)).mean()
-    agent.alpha_opt.zero_grad(set_to_none=True)
+    agent.opts["alpha"].zero_grad(set_to_none=True)
     loss.backward()
-    agent.alpha_opt.step()
+    agent.opts["alpha"].step()
 
 
 def update(agent: Agent, batch, gates_on: bool = False,
@@ -915,10 +868,10 @@ def update(agent: Agent, batch, gates_on: bool = False,
     cfg = agent.cfg
     obs, action, reward, next_obs, terminated = batch
     agent.eval()  # mean gates and BN running statistics wherever a network is not training
-    for theta in agent.thetas():
-        theta.requires_grad_(gates_on)
+    for layer in agent.gated:
+        layer.theta.requires_grad_(gates_on)
     if gates_on:
-        agent.gate_opt.zero_grad(set_to_none=True)
+        agent.opts["gates"].zero_grad(set_to_none=True)
     info = {}
     if agent.ofenet is not None:
         info["ofenet_loss"] = update_ofenet(agent, obs, action, next_obs, gates_on)
@@ -934,8 +887,7 @@ def update(agent: Agent, batch, gates_on: bool = False,
 
     td_errors = lambda: (agent.critic(z_oa) - y[:, None]).pow(2)  # (B, 2): separable twins
     groups = [gated_layers(q) for q in agent.critic.qs]
-    info["critic_loss"] = train_network(agent, "critic", agent.critic, agent.critic_opt, td_errors,
-                                        gates_on, groups=groups)
+    info["critic_loss"] = train_network(agent, "critic", agent.critic, td_errors, gates_on, groups)
 
     def soft_value(a: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:  # (B,): alpha log pi - min_k Q_k
         return alpha * logp - agent.critic(agent.state_action_features(z_o, a)).min(-1).values
@@ -952,13 +904,13 @@ def update(agent: Agent, batch, gates_on: bool = False,
         log_probs.append(logp.detach())
         return (soft_value(a, logp) - baseline)[:, None]
 
-    info["actor_loss"] = train_network(agent, "actor", agent.actor, agent.actor_opt, policy_loss, gates_on)
+    info["actor_loss"] = train_network(agent, "actor", agent.actor, policy_loss, gates_on)
     update_temperature(agent, log_probs[0])
     polyak_(agent.critic_target, agent.critic, cfg.tau)
     if gates_on:
         gate_step(agent, strength)
-    for theta in agent.thetas():
-        theta.requires_grad_(True)
+    for layer in agent.gated:
+        layer.theta.requires_grad_(True)
     watched = [info.get("ofenet_loss", alpha), info["critic_loss"], info["actor_loss"], agent.log_alpha.detach()]
     agent.finite &= torch.isfinite(torch.stack(watched))  # no host sync: the loop reads it per block
     agent.finite_updates += agent.finite.all()
@@ -1014,7 +966,9 @@ def read_checkpoint(path: str, fmt: str = FORMAT) -> dict:
     return payload
 
 
-def agent_from_payload(payload: dict, path: str, device: torch.device | str = "cpu") -> Agent:
+def load_agent(path: str, device: torch.device | str = "cpu", payload: Optional[dict] = None) -> Agent:
+    """Rebuild a saved agent (agent.pt, or the `payload` read from it), pruned architecture included."""
+    payload = payload or read_checkpoint(path)
     known = {f.name for f in dataclasses.fields(Config)}
     cfg = Config(**{k: v for k, v in payload["config"].items() if k in known})
     agent = Agent(cfg, payload["obs_dim"], payload["act_low"].numpy(), payload["act_high"].numpy(),
@@ -1026,11 +980,6 @@ def agent_from_payload(payload: dict, path: str, device: torch.device | str = "c
     agent.loss_scale = {k: v.to(device) for k, v in payload.get("loss_scale", {}).items()}
     agent.dense_params = payload.get("dense_params", agent.dense_params)  # P(1) of the unpruned agent
     return agent
-
-
-def load_agent(path: str, device: torch.device | str = "cpu") -> Agent:
-    """Rebuild a saved agent, pruned architecture included, in a fresh process."""
-    return agent_from_payload(read_checkpoint(path), path, device)
 
 
 def rng_states(env: gym.Env) -> dict:
@@ -1059,7 +1008,7 @@ def save_resume(path: str, agent: Agent, buffer: ReplayBuffer, env: gym.Env, loo
     optimizer's moments, the replay buffer's filled rows and position, the loop's counters and
     every RNG. The environment itself starts a new episode on resume."""
     payload = {"format": RESUME_FORMAT, "agent": agent_payload(agent),
-               "optimizers": {k: opt.state_dict() for k, opt in agent.optimizers().items()},
+               "optimizers": {k: opt.state_dict() for k, opt in agent.opts.items()},
                "buffer": {"rows": buffer.data[:buffer.size].to("cpu", copy=True), "pos": buffer.pos},
                "loop": loop, "rng": rng_states(env)}
     write_atomically(path, lambda f: torch.save(payload, f))
@@ -1068,8 +1017,8 @@ def save_resume(path: str, agent: Agent, buffer: ReplayBuffer, env: gym.Env, loo
 def load_resume(path: str, env: gym.Env, device: torch.device) -> tuple[Agent, ReplayBuffer, dict]:
     """The inverse of save_resume: (agent, buffer, loop counters), and the RNGs set as saved."""
     payload = read_checkpoint(path, RESUME_FORMAT)
-    agent = agent_from_payload(payload["agent"], path, device)
-    for k, opt in agent.optimizers().items():
+    agent = load_agent(path, device, payload["agent"])
+    for k, opt in agent.opts.items():
         opt.load_state_dict(payload["optimizers"][k])
     rows = payload["buffer"]["rows"]
     buffer = ReplayBuffer(agent.obs_dim, agent.act_dim, agent.cfg.buffer_size, device)
@@ -1147,23 +1096,10 @@ def export_policy(agent: Agent) -> DeployedPolicy:
                           agent.actor.scale, agent.actor.bias).cpu().eval().requires_grad_(False)
 
 
-def seconds_per_call(fn: Callable[[], object], calls: int, repeat: int = 5) -> float:
-    """Wall time of one call of fn: the best of `repeat` rounds of `calls` calls, the round
-    least disturbed by other work on the machine."""
-    fn()
-    best = math.inf
-    for _ in range(repeat):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.perf_counter() - start) / calls)
-    return best
-
-
 def export_checkpoint(path: str, out: str = "", fmt: str = "torchscript") -> str:
     """Write the exported policy of a saved agent as TorchScript, loadable with torch alone
     (`torch.jit.load(out)(obs)`, or LibTorch from C++), or as ONNX (`onnxruntime`, any
-    language); check it against agent.act on a batch of observations, print its size and speed."""
+    language); check it against agent.act on a batch of observations and print its size."""
     agent = load_agent(path)
     policy = export_policy(agent)
     out = out or os.path.join(os.path.dirname(path), "policy.onnx" if fmt == "onnx" else "policy.pt")
@@ -1181,12 +1117,10 @@ def export_checkpoint(path: str, out: str = "", fmt: str = "torchscript") -> str
     obs = torch.randn(256, agent.obs_dim)
     with torch.inference_mode():
         gap = (loaded(obs) - torch.as_tensor(agent.act(obs.numpy()))).abs().max().item()
-        if not gap <= 1e-5:
-            raise UserError(f"the exported policy {out} differs from the agent's by {gap:.1e} in its actions.")
-        us = 1e6 * seconds_per_call(lambda: loaded(obs[:1]), 2000)
+    if not gap <= 1e-5:
+        raise UserError(f"the exported policy {out} differs from the agent's by {gap:.1e} in its actions.")
     print(f"{out}: {sum(p.numel() for p in policy.parameters()):,} parameters, {policy.flops():,} FLOPs "
-          f"and {us:.0f} µs per action (batch 1, {torch.get_num_threads()} threads); "
-          f"actions equal agent.act's to {gap:.0e}")
+          f"per action; actions equal agent.act's to {gap:.0e}")
     return out
 
 
@@ -1195,19 +1129,19 @@ def export_checkpoint(path: str, out: str = "", fmt: str = "torchscript") -> str
 # ----------------------------------------------------------------------------------------------
 
 def make_env(env_id: str, **kw) -> gym.Env:
+    """gym.make, refusing in one sentence an id it does not know and a task SAC cannot learn."""
     try:
         env = gym.make(env_id, **kw)
-    except gym.error.Error as e:
-        raise UserError(f"cannot make environment {env_id!r}: {e}.") from None
-    except Exception as e:  # missing simulator, broken install
+    except Exception as e:  # an unknown id, a missing simulator, a broken install
         raise UserError(f"cannot make environment {env_id!r} ({type(e).__name__}: {e}).") from None
-    if not isinstance(env.action_space, gym.spaces.Box):
+    act, obs = env.action_space, env.observation_space
+    why = (f"has a {type(act).__name__} action space; SAC needs a continuous (Box) one" if not isinstance(act, gym.spaces.Box)
+           else "has an unbounded action space; SAC's tanh policy needs bounds" if not np.isfinite([act.low, act.high]).all()
+           else "needs a flat Box observation space" if not isinstance(obs, gym.spaces.Box) or len(obs.shape) != 1
+           else None)
+    if why:
         env.close()
-        raise UserError(f"{env_id} has a {type(env.action_space).__name__} action space; "
-                        "SAC needs a continuous (Box) one.")
-    if not isinstance(env.observation_space, gym.spaces.Box) or len(env.observation_space.shape) != 1:
-        env.close()
-        raise UserError(f"{env_id} needs a flat Box observation space.")
+        raise UserError(f"{env_id} {why}.")
     return env
 
 
@@ -1255,9 +1189,8 @@ def record_video(agent: Agent, env: gym.Env, path: str, seed: int) -> int:
     import imageio
     frames = []
     evaluate(agent, env, 1, seed, frames)
-    with user_path(os.path.dirname(path), "create"):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
     with user_path(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         imageio.mimwrite(path, frames, fps=env.metadata.get("render_fps", 30), macro_block_size=1)
     return len(frames)
 
@@ -1267,7 +1200,7 @@ def tensorboard_row(writer, row: dict, agent: Agent) -> None:
     for key, value in row.items():
         if key != "step" and math.isfinite(value):
             writer.add_scalar(key, value, row["step"])
-    for name, net in agent.networks().items():
+    for name, net in agent.nets.items():
         theta = torch.cat([layer.theta.detach().cpu() for layer in gated_layers(net)] or [torch.zeros(0)])
         if (theta > 0).any():
             writer.add_histogram(f"theta/{name}", theta[theta > 0], row["step"])
@@ -1304,10 +1237,35 @@ def plot_progress(run_dirs: list[str], path: str) -> str:
     return path
 
 
+class ProgressLog:
+    """A CSV of one row per event (progress.csv, pruning.csv), rewritten whole and atomically at each
+    row; its header is the union of the rows' keys, so a resumed run may log more columns. Resuming
+    from the checkpoint of step `after` keeps the rows up to it and drops any written after it."""
+
+    def __init__(self, path: str, after: Optional[int] = None):
+        self.path, self.fields, self.rows = path, [], []
+        if after is not None and os.path.exists(path):  # a run stopped before its first row has none
+            with user_path(path, "read"), open(path, newline="") as f:
+                reader = csv.DictReader(f)
+                self.rows = [row for row in reader if int(row["step"]) <= after]
+            self.fields = reader.fieldnames or []
+            self.write()
+
+    def write(self, row: Optional[dict] = None) -> None:
+        self.rows += [row] if row else []
+        text = io.StringIO()
+        w = csv.DictWriter(text, fieldnames=list(dict.fromkeys([*self.fields, *(k for r in self.rows for k in r)])))
+        w.writeheader()
+        w.writerows(self.rows)
+        write_atomically(self.path, lambda f: f.write(text.getvalue().encode()))
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------
+
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
 def max_rss_mb() -> float:
@@ -1317,22 +1275,9 @@ def max_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
-def theta_summary(agent: Agent) -> dict[str, int]:
-    """Surviving theta exactly at 1 and strictly inside (0, 1), per network and in all."""
-    counts = {}
-    for name, net in agent.networks().items():
-        theta = torch.cat([layer.theta.detach().cpu() for layer in gated_layers(net)] or [torch.zeros(0)])
-        counts[f"theta_one_{name}"] = int((theta == 1).sum())
-        counts[f"theta_inside_{name}"] = int(((theta > 0) & (theta < 1)).sum())
-    total = lambda kind: sum(v for k, v in counts.items() if k.startswith(kind))
-    return {"theta_one": total("theta_one_"), "theta_inside": total("theta_inside_"), **counts}
-
-
 def build_agent(cfg: Config, env: gym.Env, device: torch.device) -> Agent:
-    obs_dim = env.observation_space.shape[0]
-    low, high = env.action_space.low.astype(np.float64), env.action_space.high.astype(np.float64)
-    if not (np.all(np.isfinite(low)) and np.all(np.isfinite(high))):
-        raise UserError(f"{cfg.env} has an unbounded action space; SAC's tanh policy needs bounds.")
+    """A fresh agent for `env`, or with --arch-from the architecture of that checkpoint, dense."""
+    obs_dim, low, high = env.observation_space.shape[0], env.action_space.low, env.action_space.high
     widths = None
     if cfg.arch_from:
         payload = read_checkpoint(cfg.arch_from)
@@ -1341,7 +1286,7 @@ def build_agent(cfg: Config, env: gym.Env, device: torch.device) -> Agent:
         if payload["config"]["ofenet"] != cfg.ofenet:
             raise UserError(f"{cfg.arch_from} and this run disagree on --no-ofenet.")
         widths, cfg.gates = payload["widths"], False
-    return Agent(cfg, obs_dim, low, high, widths=widths, device=device)
+    return Agent(cfg, obs_dim, low.astype(np.float64), high.astype(np.float64), widths=widths, device=device)
 
 
 class CudaGraph:
@@ -1350,18 +1295,20 @@ class CudaGraph:
     An update is a thousand small kernels; launching them one by one from Python costs more
     than running them. Recording needs `fn` to touch the same tensors every call: the buffer
     and parameters are preallocated, the fill level and gamma live in device tensors, and
-    there is no host sync inside. One recording is kept per `key` (a gate step or not, the
-    layers whose gates are sure), all dropped when `arch` changes (pruning replaced the
+    there is no host sync inside. One recording is kept per `key` and set of layers whose gates
+    are sure, all dropped when the agent's architecture changes (pruning replaced the
     parameters); a new key runs `fn` once eagerly and records it. Every call runs `fn` exactly
     once. With `enabled` False (a CPU), it is a plain call.
     """
 
-    def __init__(self, fn: Callable[[], object], enabled: bool):
-        self.fn, self.enabled, self.arch, self.graphs = fn, enabled, None, {}
+    def __init__(self, fn: Callable[[], object], agent: Agent, enabled: bool):
+        self.fn, self.agent, self.enabled, self.arch, self.graphs = fn, agent, enabled, None, {}
 
-    def __call__(self, key=None, arch=None) -> None:
+    def __call__(self, key=None) -> None:
         if not self.enabled:
             return self.fn()
+        arch = tuple(layer.out_features for layer in self.agent.gated)
+        key = (key, tuple(layer.sure for layer in self.agent.gated))
         if arch != self.arch:
             self.graphs, self.arch = {}, arch  # frees the old recordings' memory
         if key in self.graphs:
@@ -1378,21 +1325,20 @@ class CudaGraph:
 
 class Learner:
     """The training loop's update: `learner(gates_on, gamma)` runs Eq. 3's step on a fresh
-    minibatch (a gate step with `gates_on`), as a CUDA graph on a GPU (recorded again when
-    pruning changes the architecture). After a gate step it marks the layers whose gates are sure."""
+    minibatch (a gate step with `gates_on`), as a CUDA graph on a GPU. After a gate step it
+    marks the layers whose gates are sure."""
 
     def __init__(self, agent: Agent, buffer: ReplayBuffer, batch_size: int, graphs: bool):
         self.agent, self.gates_on = agent, False
-        agent.mark_sure_gates()
         self.strength = torch.zeros((), device=buffer.device)  # gamma, read by the recorded graph
         self.graph = CudaGraph(lambda: update(agent, buffer.sample(batch_size), self.gates_on, self.strength),
-                               graphs)
+                               agent, graphs)
+        agent.mark_sure_gates()
 
     def __call__(self, gates_on: bool, strength: float) -> None:
         self.gates_on = gates_on
         self.strength.fill_(strength)
-        sure = tuple(layer.sure for layer in self.agent.gated())
-        self.graph(key=(gates_on, sure), arch=self.agent.architecture())
+        self.graph(gates_on)
         if gates_on:
             self.agent.mark_sure_gates()
 
@@ -1402,17 +1348,14 @@ class Explorer:
     forward pass is one CUDA graph replay instead of some forty kernel launches."""
 
     def __init__(self, agent: Agent, graphs: bool):
-        self.agent = agent
-        self.obs = torch.zeros(agent.obs_dim, device=agent.log_alpha.device)  # the graph's input
+        self.obs = torch.zeros(agent.obs_dim, device=agent.log_alpha.device)  # the graph's input,
         self.action: Optional[torch.Tensor] = None                              # and its output
-
-        def sample():
-            self.action = agent.policy(self.obs, deterministic=False)
-        self.graph = CudaGraph(sample, graphs)
+        self.graph = CudaGraph(lambda: setattr(self, "action", agent.policy(self.obs, deterministic=False)),
+                               agent, graphs)
 
     def __call__(self, obs: np.ndarray) -> np.ndarray:
         self.obs.copy_(torch.as_tensor(obs, dtype=torch.float32))
-        self.graph(key=tuple(layer.sure for layer in self.agent.gated()), arch=self.agent.architecture())
+        self.graph()
         return self.action.cpu().numpy()
 
 
@@ -1427,17 +1370,17 @@ def env_step(env: gym.Env, buffer: ReplayBuffer, obs: np.ndarray, action: np.nda
 def stop_on_signals():
     """Yields [signal]: SIGINT or SIGTERM sets it, and the loop then finishes its step, saves the
     run and stops (`Stopped`). A second signal interrupts at once; the atomic writes keep every
-    file whole, the old one or the new."""
+    file whole, the old one or the new. Outside the main thread (which alone may), it does nothing."""
     stop = [0]
 
     def handler(signum, frame):
         if stop[0]:
             raise KeyboardInterrupt
         stop[0] = signum
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may
-        yield stop
-        return
-    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:
+        old = {}
     try:
         yield stop
     finally:
@@ -1445,14 +1388,18 @@ def stop_on_signals():
             signal.signal(sig, h)
 
 
+class Divergence(UserError):
+    def __init__(self, what: str, flags: set[str]):
+        super().__init__(f"the run diverged: {what} (NaN or inf); try a smaller {' or '.join(sorted(flags))}")
+
+
 def check_finite(agent: Agent, step: int, first_update: int, returns: Optional[np.ndarray] = None) -> None:
-    """Raises UserError if anything the run has computed is NaN or inf: the device flags of every
+    """Raises Divergence if anything the run has computed is NaN or inf: the device flags of every
     update since `first_update` (read here, once per block), every parameter, the returns."""
-    ok = dict(zip(HEALTH, agent.finite.tolist()))
-    if not all(ok.values()):
-        first = [name for name, good in ok.items() if not good]
-        raise Divergence(f"at step {first_update + int(agent.finite_updates):,} {' and '.join(first)} "
-                         f"went non-finite", {HEALTH[name] for name in first})
+    bad = [name for name, good in zip(HEALTH, agent.finite.tolist()) if not good]
+    if bad:
+        raise Divergence(f"at step {first_update + int(agent.finite_updates):,} {' and '.join(bad)} "
+                         f"went non-finite", {HEALTH[name] for name in bad})
     for name, p in agent.named_parameters():
         if not bool(torch.isfinite(p).all()):
             raise Divergence(f"by step {step:,} the parameter {name} went non-finite", {"--lr", "--critic-lr"})
@@ -1460,9 +1407,32 @@ def check_finite(agent: Agent, step: int, first_update: int, returns: Optional[n
         raise Divergence(f"at step {step:,} the evaluation return went non-finite", {"--lr"})
 
 
-class Divergence(UserError):
-    def __init__(self, what: str, flags: set[str]):
-        super().__init__(f"the run diverged: {what} (NaN or inf); try a smaller {' or '.join(sorted(flags))}")
+def start(cfg: Config, env: gym.Env, device: torch.device, resume: bool) -> tuple[Agent, ReplayBuffer, dict, np.ndarray]:
+    """A new run, seeded, or with `resume` the run in cfg.out as its last checkpoint left it (the
+    interrupted episode is dropped: the environment starts a new one). Writes RUN_DIR/config.json."""
+    if resume:
+        path = os.path.join(cfg.out, "resume.pt")
+        agent, buffer, loop = load_resume(path, env, device)
+        fixed = lambda c: {k: v for k, v in dataclasses.asdict(c).items() if k not in (*RESUMABLE, "out")}
+        if fixed(agent.cfg) != fixed(cfg):
+            raise UserError(f"{path} belongs to another run than {cfg.out}/config.json.")
+        if loop["step"] >= cfg.total_steps:
+            raise UserError(f"the run in {cfg.out} has reached its {loop['step']:,} steps; "
+                            "a larger --total-steps extends it.")
+        agent.cfg, (obs, _) = cfg, env.reset()
+    else:
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        env.action_space.seed(cfg.seed)
+        agent = build_agent(cfg, env, device)
+        buffer = ReplayBuffer(agent.obs_dim, agent.act_dim, cfg.buffer_size, device)
+        loop = {"step": 0, "pruned": 0, "train_returns": [], "last_eval": float("nan"), "time": 0.0}
+        obs, _ = env.reset(seed=cfg.seed)
+    with user_path(os.path.join(cfg.out, "config.json")) as path:
+        os.makedirs(cfg.out, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=2)
+    return agent, buffer, loop, obs
 
 
 def train(cfg: Config, on_eval: Optional[Callable[[int, "Agent"], None]] = None, resume: bool = False,
@@ -1477,43 +1447,20 @@ def train(cfg: Config, on_eval: Optional[Callable[[int, "Agent"], None]] = None,
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
     cfg.out = run_dir = cfg.out or os.path.join("runs", f"{cfg.env}__{cfg.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
-    resume_path = os.path.join(run_dir, "resume.pt")
     video_env = make_video_env(cfg.env) if cfg.capture_video else None  # before MuJoCo's first import
     env, eval_env = make_env(cfg.env), make_env(cfg.env)
-    if resume:  # the interrupted episode is dropped: the environment starts a new one
-        agent, buffer, loop = load_resume(resume_path, env, device)
-        fixed = lambda c: {k: v for k, v in dataclasses.asdict(c).items() if k not in (*RESUMABLE, "out")}
-        if fixed(agent.cfg) != fixed(cfg):
-            raise UserError(f"{resume_path} belongs to another run than {run_dir}/config.json.")
-        if loop["step"] >= cfg.total_steps:
-            raise UserError(f"the run in {run_dir} has reached its {loop['step']:,} steps; "
-                            "a larger --total-steps extends it.")
-        agent.cfg = cfg
-        obs, _ = env.reset()
-    else:
-        torch.manual_seed(cfg.seed)
-        np.random.seed(cfg.seed)
-        env.action_space.seed(cfg.seed)
-        agent = build_agent(cfg, env, device)
-        buffer = ReplayBuffer(agent.obs_dim, agent.act_dim, cfg.buffer_size, device)
-        loop = {"step": 0, "pruned": 0, "train_returns": [], "last_eval": float("nan"), "time": 0.0}
-        obs, _ = env.reset(seed=cfg.seed)
-    with user_path(run_dir, "create"):
-        os.makedirs(run_dir, exist_ok=True)
-    with user_path(os.path.join(run_dir, "config.json")) as path, open(path, "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=2)
-    gate_start = max(cfg.prune_start, cfg.learning_starts)
-    log = ProgressLog(os.path.join(run_dir, "progress.csv"), after=loop["step"] if resume else None)
-    prunings = ProgressLog(os.path.join(run_dir, "pruning.csv"), after=loop["step"] if resume else None)
+    agent, buffer, loop, obs = start(cfg, env, device, resume)
+    after = loop["step"] if resume else None
+    log, prunings = ProgressLog(os.path.join(run_dir, "progress.csv"), after), ProgressLog(os.path.join(run_dir, "pruning.csv"), after)
     if cfg.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
         board = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=loop["step"] + 1 if resume else None)
-    print(f"xinet: {cfg.env} on {device}, {agent.num_params():,} parameters, run dir {run_dir}"
+    print(f"xinet: {cfg.env} on {device}, {agent.sizes()['params']:,} parameters, run dir {run_dir}"
           + (f", resumed at step {loop['step']:,}" if resume else ""), flush=True)
 
     graphs = device.type == "cuda" and cfg.cuda_graphs
     learner, explore = Learner(agent, buffer, cfg.batch_size, graphs), Explorer(agent, graphs)
-
+    gate_start = max(cfg.prune_start, cfg.learning_starts)
     episode_return, train_returns, last_eval = 0.0, loop["train_returns"], loop["last_eval"]
     t_start = time.perf_counter() - loop["time"]  # the run's clock goes on across resumes
     t_line = t_row = time.perf_counter()
@@ -1534,18 +1481,15 @@ def train(cfg: Config, on_eval: Optional[Callable[[int, "Agent"], None]] = None,
             log.write(row)
         save_agent(agent, os.path.join(run_dir, "agent.pt"))
         loop.update(step=step, last_eval=last_eval, time=time.perf_counter() - t_start)
-        save_resume(resume_path, agent, buffer, env, loop)
+        save_resume(os.path.join(run_dir, "resume.pt"), agent, buffer, env, loop)
 
     if resume and loop.get("pretrained", cfg.pretrain_steps) < cfg.pretrain_steps:  # stopped while pre-training
         loop["pretrained"] = pretrain_ofenet(agent, buffer, cfg, graphs, loop["pretrained"], stop)
     for step in range(loop["step"] + 1, cfg.total_steps + 1):
-        if step <= cfg.learning_starts:
-            action = env.action_space.sample()
-        else:
-            action = explore(obs)
-            if not np.isfinite(action).all():
-                guard(step)  # the device flags name the network at fault, if they can
-                raise UserError(f"the run diverged: at step {step:,} the actor's action went non-finite; try a smaller --lr.")
+        action = env.action_space.sample() if step <= cfg.learning_starts else explore(obs)
+        if not np.isfinite(action).all():
+            guard(step)  # the device flags name the network at fault, if they can
+            raise UserError(f"the run diverged: at step {step:,} the actor's action went non-finite; try a smaller --lr.")
         obs, reward, done = env_step(env, buffer, obs, action)
         if not (np.isfinite(obs).all() and math.isfinite(reward)):
             raise UserError(f"at step {step:,} {cfg.env} returned a non-finite observation or reward; "
@@ -1559,30 +1503,27 @@ def train(cfg: Config, on_eval: Optional[Callable[[int, "Agent"], None]] = None,
         if step == cfg.learning_starts and agent.ofenet is not None:
             loop["pretrained"] = pretrain_ofenet(agent, buffer, cfg, graphs, 0, stop)
         if step > cfg.learning_starts:
-            gates_on = cfg.gates and step > gate_start and bool(agent.thetas())
+            gates_on = cfg.gates and step > gate_start and bool(agent.gated)
             gate_step = gates_on and (step - gate_start) % cfg.gate_every == 0
             learner(gate_step, cfg.prune_strength * min(1.0, (step - gate_start) / max(cfg.prune_ramp, 1)))
             if gates_on and (step - gate_start) % cfg.prune_every == 0:
                 removed = agent.prune()
                 if removed:
                     loop["pruned"] += removed
-                    prunings.write({"step": step, "units_removed": removed, "params": agent.num_params()})
+                    prunings.write({"step": step, "units_removed": removed, "params": agent.sizes()["params"]})
 
         if step % cfg.eval_every == 0 or step == cfg.total_steps:
             train_rate = (step - steps_at_row) / (time.perf_counter() - t_row)  # evaluation excluded
             returns = evaluate(agent, eval_env, cfg.eval_episodes, seed=cfg.seed + 10_000)
             last_eval = float(returns.mean())
-            elapsed = time.perf_counter() - t_start
+            sizes = agent.sizes()
+            alive = {k: sizes.pop(k) for k in list(sizes) if k.startswith("alive_")}
             row = {"step": step, "eval_return": last_eval, "eval_return_std": float(returns.std()),
                    "train_return": float(np.mean(train_returns)) if train_returns else float("nan"),
-                   "params": agent.num_params(), "expected_params": agent.expected_params().item(),
-                   **{f"params_{k}": v for k, v in agent.network_params().items()},
-                   "dense_params": agent.dense_params, "flops_per_action": agent.flops_per_action(), **theta_summary(agent),
-                   "alpha": agent.log_alpha.exp().item(),
+                   **sizes, "alpha": agent.log_alpha.exp().item(),
                    **{f"loss_scale_{k}": agent.loss_scale[k].item() if k in agent.loss_scale else float("nan")
-                      for k in agent.networks()},
-                   **{f"alive_{k}": v for k, v in agent.alive_units().items()},
-                   "steps_per_sec": train_rate, "time": elapsed, "max_rss_mb": max_rss_mb()}
+                      for k in agent.nets}, **alive,
+                   "steps_per_sec": train_rate, "time": time.perf_counter() - t_start, "max_rss_mb": max_rss_mb()}
             train_returns.clear()
             checkpoint(step, returns, row)
             plot_progress([run_dir], os.path.join(run_dir, "progress.png"))
@@ -1599,20 +1540,17 @@ def train(cfg: Config, on_eval: Optional[Callable[[int, "Agent"], None]] = None,
             raise Stopped(stop[0], step)
         if step % cfg.log_every == 0:
             guard(step)
-            now = time.perf_counter()
+            now, sizes = time.perf_counter(), agent.sizes()
             rate = (step - steps_at_line) / (now - t_line)
             t_line, steps_at_line = now, step
-            eta = (cfg.total_steps - step) / max(rate, 1e-9)
-            print(f"step {step:>8,}  {rate:6.1f} steps/s  eta {eta / 60:6.1f} min  "
-                  f"eval {last_eval:8.1f}  units {sum(agent.alive_units().values()):5d}  "
-                  f"params {agent.num_params():>9,}  pruned {loop['pruned']}", flush=True)
-    for e in (env, eval_env, video_env):
+            units = sum(v for k, v in sizes.items() if k.startswith("alive_"))
+            print(f"step {step:>8,}  {rate:6.1f} steps/s  eta {(cfg.total_steps - step) / max(rate, 1e-9) / 60:6.1f} min  "
+                  f"eval {last_eval:8.1f}  units {units:5d}  params {sizes['params']:>9,}  pruned {loop['pruned']}", flush=True)
+    for e in (env, eval_env, video_env, board if cfg.tensorboard else None):
         if e is not None:
             e.close()
-    if cfg.tensorboard:
-        board.close()
     if not cfg.keep_resume:
-        os.remove(resume_path)
+        os.remove(os.path.join(run_dir, "resume.pt"))
     return run_dir
 
 
@@ -1626,56 +1564,23 @@ def pretrain_ofenet(agent: Agent, buffer: ReplayBuffer, cfg: Config, graphs: boo
         obs, action, _, next_obs, _ = buffer.sample(cfg.batch_size)
         losses[:] = [update_ofenet(agent, obs, action, next_obs, gates_on=False)]
 
-    pretrain = CudaGraph(step, graphs)
-    t0 = time.perf_counter()
-    for theta in agent.thetas():  # no gate steps yet: theta is a constant
-        theta.requires_grad_(False)
+    pretrain, t0, k = CudaGraph(step, agent, graphs), time.perf_counter(), done
+    for layer in agent.gated:  # no gate steps yet: theta is a constant
+        layer.theta.requires_grad_(False)
     for k in range(done + 1, cfg.pretrain_steps + 1):
-        pretrain(key=tuple(layer.sure for layer in agent.gated()))
-        loss = losses[0]
+        pretrain()
         if k % cfg.log_every == 0 or k == cfg.pretrain_steps:
-            if not math.isfinite(float(loss)):
+            loss = float(losses[0])
+            if not math.isfinite(loss):
                 raise UserError(f"OFENet's pre-training diverged: at update {k:,} its auxiliary loss went non-finite; "
                                 "try a smaller --lr.")
-            print(f"pretrain {k:>7,}/{cfg.pretrain_steps:,}  aux loss {float(loss):.5f}  "
+            print(f"pretrain {k:>7,}/{cfg.pretrain_steps:,}  aux loss {loss:.5f}  "
                   f"{(k - done) / (time.perf_counter() - t0):6.1f} updates/s", flush=True)
         if stop[0]:
             break
-    for theta in agent.thetas():
-        theta.requires_grad_(True)
-    return k if cfg.pretrain_steps > done else done
-
-
-class ProgressLog:
-    """progress.csv: one row per evaluation, the header set by the first row (and widened if a
-    resumed run logs more). Resuming from the checkpoint of step `after` keeps the rows up to it
-    and drops any written after it."""
-
-    def __init__(self, path: str, after: Optional[int] = None):
-        self.path, self.fields = path, None
-        if after is not None and os.path.exists(path):  # a run stopped before its first row has none
-            with user_path(path, "read"), open(path, newline="") as f:
-                reader = csv.DictReader(f)
-                rows = [row for row in reader if int(row["step"]) <= after]
-            self.fields = reader.fieldnames
-            self._write(rows, "w")
-
-    def write(self, row: dict) -> None:
-        if self.fields is None or set(row) - set(self.fields):
-            rows = []
-            if self.fields is not None:
-                with user_path(self.path, "read"), open(self.path, newline="") as f:
-                    rows = list(csv.DictReader(f))
-            self.fields = list(dict.fromkeys([*(self.fields or []), *row]))
-            return self._write(rows + [row], "w")
-        self._write([row], "a")
-
-    def _write(self, rows: list[dict], mode: str) -> None:
-        with user_path(self.path), open(self.path, mode, newline="") as f:
-            w = csv.DictWriter(f, fieldnames=self.fields)
-            if mode == "w":
-                w.writeheader()
-            w.writerows(rows)
+    for layer in agent.gated:
+        layer.theta.requires_grad_(True)
+    return k
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1749,9 +1654,10 @@ def evaluate_checkpoint(cfg: Config, path: str) -> None:
     if env.observation_space.shape[0] != agent.obs_dim:
         raise UserError(f"{path} does not fit {agent.cfg.env}'s observations.")
     returns = evaluate(agent, env, cfg.eval_episodes, seed=cfg.seed + 10_000)
+    sizes = agent.sizes()
     print(f"{agent.cfg.env}: return {returns.mean():.1f} +- {returns.std():.1f} over {len(returns)} episodes; "
-          f"{agent.num_params():,} parameters, {agent.flops_per_action():,} FLOPs per action, "
-          f"units {agent.alive_units()}")
+          f"{sizes['params']:,} parameters, {sizes['flops_per_action']:,} FLOPs per action, "
+          f"units { {k[6:]: v for k, v in sizes.items() if k.startswith('alive_')} }")
     if cfg.capture_video:
         video = cfg.out or os.path.join(os.path.dirname(path), "videos", "eval.mp4")
         frames = record_video(agent, video_env, video, cfg.seed + 10_000)
