@@ -3,11 +3,16 @@
     python sweep.py run sac_parity --jobs 2     # every run not yet finished, two at a time
     python sweep.py commands sac_parity         # one command per run: GNU parallel, Slurm arrays
     python sweep.py report sac_parity           # results/sac_parity.csv, _summary.csv, .png
+    python sweep.py restore sac_parity          # a fresh machine: finished runs back from results/
+    python sweep.py claims                      # results/claims.csv: every environment x agent
 
 A run lives in runs/<grid>/<config>/seed<S>. `one` (what `run` and the printed commands call)
 skips a finished run, resumes an interrupted one from its resume.pt and starts a missing one; it
 leaves alone a run that another process is running (a lock on the run directory), so any of
-these commands may be killed and started again, or run twice at once.
+these commands may be killed and started again, or run twice at once. `report` also keeps the
+agent.pt of every finished run that another configuration trains from scratch (--arch-from) in
+results/agents/<grid>/<config>/seed<S>.pt; `restore` writes each finished run's progress.csv
+(from results/<grid>.csv) and those agents back, so a new checkout redoes no finished run.
 
 The statistics of record (README, "Results"), per run and then as the mean over seeds with a
 95% bootstrap interval: the training return over the last 10% of the steps (90k-100k of a 100k
@@ -20,6 +25,7 @@ import csv
 import fcntl
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -177,6 +183,11 @@ def report(runs: str, grid: str, results: str) -> None:
             summary.append(row)
     if not summary:
         sys.exit(f"sweep: no finished run of {grid} under {runs}.")
+    for config in set(g.arch_from.values()):
+        for seed in {r["seed"] for r in curves if r["config"] == config}:
+            os.makedirs(os.path.join(results, "agents", grid, config), exist_ok=True)
+            shutil.copyfile(os.path.join(run_dir(runs, grid, config, seed), "agent.pt"),
+                            os.path.join(results, "agents", grid, config, f"seed{seed}.pt"))
     write_csv(os.path.join(results, f"{grid}.csv"), curves)
     write_csv(os.path.join(results, f"{grid}_summary.csv"), summary)
     print_table(summary)
@@ -185,6 +196,114 @@ def report(runs: str, grid: str, results: str) -> None:
         write_csv(os.path.join(results, f"{grid}_paired.csv"), pairs)
         print_pairs(pairs)
     plot(curves, summary, g, os.path.join(results, f"{grid}.png"))
+
+
+# The claims table: per environment, each agent's (grid, configuration) in results/<grid>_summary.csv
+CLAIMS = {"Hopper-v4": {"sac": ("sac_parity", "sac"), "dense": ("hopper", "dense"), "xinet": ("hopper", "flip_g30"),
+                        "small": ("hopper", "small_g30")},
+          **{env: {c: (grid, c) for c in ("sac", "dense", "xinet", "xinet_late", "small")}
+             for env, grid in (("HalfCheetah-v4", "halfcheetah"), ("Walker2d-v4", "walker2d"))}}
+
+
+def iqm(x) -> float:
+    """Interquartile mean: the mean of the middle half (a quarter of the values cut at each end)."""
+    x, cut = np.sort(np.asarray(x, dtype=float)), len(x) // 4
+    return float(x[cut:len(x) - cut].mean())
+
+
+def prob_improvement(x, y) -> float:
+    """P(X > Y) for one draw of each (ties count half): how often one agent's run beats the other's."""
+    x, y = np.asarray(x, dtype=float)[:, None], np.asarray(y, dtype=float)[None, :]
+    return float(((x > y) + 0.5 * (x == y)).mean())
+
+
+def stratified(stat, samples: dict[str, tuple], reps: int = 10_000, seed: int = 0) -> tuple[float, float, float]:
+    """stat over environments, and its 95% interval from resampling the seeds within each
+    environment (the stratified bootstrap): samples maps env -> the arrays stat takes."""
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(reps):
+        picked = {}
+        for env, arrays in samples.items():
+            idx = [rng.integers(len(a), size=len(a)) for a in arrays]
+            picked[env] = tuple(np.asarray(a)[i] for a, i in zip(arrays, idx))
+        draws.append(stat(picked))
+    return stat(samples), float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))
+
+
+def claims(results: str) -> None:
+    """Per environment x agent: final evaluation and training return (mean [95% bootstrap over
+    seeds]), parameters and FLOPs per action as % of the dense agent's, and XiNet - from scratch
+    paired by seed; across environments, scores normalised by each environment's dense agent:
+    the interquartile mean with a stratified bootstrap interval, and P(XiNet beats the small
+    architecture trained from scratch)."""
+    runs, rows = {}, []
+    for env, agents in CLAIMS.items():
+        for agent, (grid, config) in agents.items():
+            path = os.path.join(results, f"{grid}_summary.csv")
+            if os.path.exists(path):
+                with open(path, newline="") as f:
+                    seeds = {int(r["seed"]): r for r in csv.DictReader(f) if r["config"] == config and r["seed"].isdigit()}
+                if seeds:
+                    runs[env, agent] = {s: {k: float(r[k]) for k in SUMMARY[:4]} for s, r in seeds.items()}
+    for (env, agent), seeds in runs.items():
+        dense = runs.get((env, "dense"))
+        row = {"env": env, "agent": agent, "seeds": len(seeds)}
+        for k in SUMMARY[:4]:
+            row[k], row[f"{k}_lo"], row[f"{k}_hi"] = bootstrap([v[k] for v in seeds.values()])
+        for k in ("params", "flops_per_action"):
+            row[f"{k}_pct_dense"] = 100 * row[k] / np.mean([v[k] for v in dense.values()]) if dense else float("nan")
+        if agent == "xinet" and (env, "small") in runs:
+            small = runs[env, "small"]
+            for k in PAIRED:
+                diffs = [seeds[s][k] - small[s][k] for s in seeds if s in small]
+                row[f"{k}_minus_small"], row[f"{k}_minus_small_lo"], row[f"{k}_minus_small_hi"] = bootstrap(diffs)
+        rows.append(row)
+    envs = [env for env in CLAIMS if (env, "dense") in runs]
+    for k in PAIRED:  # normalised by the environment's dense agent (its mean over seeds)
+        norm = {(env, agent): np.array([v[k] for v in runs[env, agent].values()]) / np.mean([v[k] for v in runs[env, "dense"].values()])
+                for env in envs for agent in CLAIMS[env] if (env, agent) in runs}
+        for agent in ("sac", "dense", "xinet", "xinet_late", "small"):
+            have = [env for env in envs if (env, agent) in norm]
+            if have:
+                value, lo, hi = stratified(lambda d: iqm(np.concatenate([a for a, in d.values()])),
+                                           {env: (norm[env, agent],) for env in have})
+                rows.append({"env": f"IQM over {len(have)} env(s), normalised by dense", "agent": agent, "metric": k,
+                             "value": value, "lo": lo, "hi": hi})
+        both = [env for env in envs if (env, "xinet") in norm and (env, "small") in norm]
+        if both:
+            value, lo, hi = stratified(lambda d: float(np.mean([prob_improvement(x, y) for x, y in d.values()])),
+                                       {env: (norm[env, "xinet"], norm[env, "small"]) for env in both})
+            rows.append({"env": f"P(xinet > small) over {len(both)} env(s)", "agent": "xinet", "metric": k,
+                         "value": value, "lo": lo, "hi": hi})
+    write_csv(os.path.join(results, "claims.csv"), rows)
+    for r in rows:
+        if "metric" in r:
+            print(f"| {r['env']} | {r['agent']} | {r['metric']} | {r['value']:.2f} [{r['lo']:.2f}, {r['hi']:.2f}] |")
+        else:
+            ci = lambda k: f"{r[k]:,.0f} [{r[k + '_lo']:,.0f}, {r[k + '_hi']:,.0f}]"
+            diff = f" | {r['train_return_minus_small']:+,.0f} [{r['train_return_minus_small_lo']:+,.0f}, {r['train_return_minus_small_hi']:+,.0f}]" \
+                if "train_return_minus_small" in r else " | –"
+            print(f"| {r['env']} | {r['agent']} | {r['seeds']} | {ci('eval_return')} | {ci('train_return')} | "
+                  f"{r['params_pct_dense']:.0f}% | {r['flops_per_action_pct_dense']:.0f}%{diff} |")
+
+
+def restore(runs: str, grid: str, results: str) -> None:
+    """The inverse of report for finished runs: their progress.csv and archived agent.pt, into
+    run directories that do not exist yet."""
+    with open(os.path.join(results, f"{grid}.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    for config, seed in dict.fromkeys((r["config"], int(r["seed"])) for r in rows):
+        out = run_dir(runs, grid, config, seed)
+        if os.path.exists(out):
+            continue
+        os.makedirs(out)
+        write_csv(os.path.join(out, "progress.csv"), [{k: v for k, v in r.items() if k not in ("config", "seed") and v != ""}
+                                                      for r in rows if (r["config"], int(r["seed"])) == (config, seed)])
+        agent = os.path.join(results, "agents", grid, config, f"seed{seed}.pt")
+        if os.path.exists(agent):
+            shutil.copyfile(agent, os.path.join(out, "agent.pt"))
+        print(f"{grid}/{config}/seed{seed}: restored")
 
 
 PAIRED = ("train_return", "eval_return")
@@ -278,14 +397,18 @@ def plot(curves: list[dict], summary: list[dict], g: Grid, path: str) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="sweep.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("action", choices=("run", "commands", "report", "one"))
-    p.add_argument("grid", choices=sorted(GRIDS))
+    p.add_argument("action", choices=("run", "commands", "report", "one", "restore", "claims"))
+    p.add_argument("grid", nargs="?", choices=sorted(GRIDS), help="every action but claims")
     p.add_argument("config", nargs="?", help="for one: the configuration")
     p.add_argument("seed", nargs="?", type=int, help="for one: the seed")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each (run)")
     p.add_argument("--runs", default=os.path.join(HERE, "runs"), help="where run directories live")
     p.add_argument("--results", default=os.path.join(HERE, "results"), help="where report writes")
     a = p.parse_args(argv)
+    if a.action == "claims":
+        return claims(a.results) or 0
+    if a.grid is None:
+        p.error(f"{a.action} takes a grid")
     g = GRIDS[a.grid]
     todo = [(c, s) for s in g.seeds for c in g.configs if s in g.seeds_of(c)]  # every config gets seed 1 first
     phases = [[cs for cs in todo if cs[0] not in g.arch_from], [cs for cs in todo if cs[0] in g.arch_from]]
@@ -293,6 +416,8 @@ def main(argv=None) -> int:
         if a.config not in g.configs or a.seed is None:
             p.error(f"one takes a configuration of {a.grid} ({', '.join(g.configs)}) and a seed")
         return run_one(a.runs, a.grid, a.config, a.seed)
+    if a.action == "restore":
+        return restore(a.runs, a.grid, a.results) or 0
     if a.action == "commands":
         for c, s in phases[0] + phases[1]:
             if command(a.runs, a.grid, c, s):
