@@ -1049,6 +1049,16 @@ def test_sweep_runs_skips_finished_and_aggregates(tmp_path, monkeypatch, capsys)
     one = {(r["config"], r["seed"]): float(r["train_return"]) for r in summary}
     assert float(pairs[0]["train_return_diff"]) == pytest.approx(one["a", "1"] - one["c", "1"])
     assert sweep.main(["commands", "tiny", "--runs", runs]) == 0 and capsys.readouterr().out == ""
+    fresh = str(tmp_path / "fresh")  # a new machine: the finished runs come back from results/
+    assert os.path.exists(os.path.join(results, "agents", "tiny", "a", "seed1.pt"))  # what c's --arch-from read
+    assert sweep.main(["restore", "tiny", "--runs", fresh, "--results", results]) == 0
+    assert all(sweep.command(fresh, "tiny", c, s) == [] for c, s in (("a", 1), ("a", 2), ("b", 2), ("c", 1)))
+    assert os.path.exists(os.path.join(fresh, "tiny", "a", "seed1", "agent.pt"))
+    again = str(tmp_path / "again")
+    sweep.report(fresh, "tiny", again)
+    with open(os.path.join(again, "tiny_summary.csv")) as f:
+        assert list(csv.DictReader(f)) == summary
+    capsys.readouterr()
     import fcntl
     monkeypatch.setattr(sweep.GRIDS["tiny"], "steps", 800)  # a is unfinished again, but running elsewhere
     with open(os.path.join(runs, "tiny", "a", "seed1", "lock"), "w") as lock:
@@ -1056,3 +1066,12 @@ def test_sweep_runs_skips_finished_and_aggregates(tmp_path, monkeypatch, capsys)
         assert sweep.run_one(runs, "tiny", "a", 1) == 0
     assert "running in another process, skipped" in capsys.readouterr().out
     assert int(read_progress(os.path.join(runs, "tiny", "a", "seed1"))[-1]["step"]) == 600
+
+
+def test_sweep_claims_statistics():
+    import sweep
+    assert sweep.iqm([100, 2, 3, 4, -50]) == 3.0  # the middle half of five: 2, 3, 4
+    assert sweep.prob_improvement([2, 3], [1, 3]) == pytest.approx((1 + 0 + 1 + 0.5) / 4)  # a tie counts half
+    value, lo, hi = sweep.stratified(lambda d: float(np.mean([a.mean() for a, in d.values()])),
+                                     {"e1": (np.array([1.0, 2.0, 3.0]),), "e2": (np.array([5.0, 5.0]),)}, reps=500)
+    assert value == pytest.approx(3.5) and lo <= value <= hi and hi - lo < 2  # e2 never varies
