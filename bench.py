@@ -201,7 +201,7 @@ def bench_one(name: str, cfg: xinet.Config, device: torch.device, steps: int, wa
         obs, _, done = xinet.env_step(env, buffer, obs, env.action_space.sample())
         if done:
             obs, _ = env.reset()
-    gates_on = cfg.gates and bool([layer.theta for layer in agent.gated])
+    gates_on = cfg.gates and bool(agent.gated)
     graphs = device.type == "cuda" and cfg.cuda_graphs
     learner, explore = xinet.Learner(agent, buffer, BATCH, graphs), xinet.Explorer(agent, graphs)
     k = cfg.gate_every if gates_on else 1  # per-update counts: the mean over one gate cycle
