@@ -29,6 +29,7 @@ import timeit
 import numpy as np
 import torch
 
+import deploy
 import xinet
 
 BATCH = 256
@@ -255,7 +256,7 @@ def deploy_table(ckpt: str) -> None:
     print("|---|---|---|---|---|---|---|")
     times = {}
     for name, agent in (("dense", dense), ("pruned", pruned)):
-        policy = torch.jit.script(xinet.export_policy(agent))
+        policy = torch.jit.script(deploy.export_policy(agent))
         with torch.inference_mode():
             exported = lambda x: policy(torch.from_numpy(x)).numpy()
             t = [seconds_per_call(lambda: agent.act(one), 2000) * 1e6,
@@ -263,7 +264,7 @@ def deploy_table(ckpt: str) -> None:
                  seconds_per_call(lambda: agent.act(many), 50) * 1e3,
                  seconds_per_call(lambda: exported(many), 50) * 1e3]
         times[name] = t
-        plain = xinet.export_policy(agent)
+        plain = deploy.export_policy(agent)
         print(f"| {name} | {sum(p.numel() for p in plain.parameters()):,} | {plain.flops():,} | "
               + " | ".join(f"{x:.0f}" if k < 2 else f"{x:.2f}" for k, x in enumerate(t)) + " |")
     print(f"\nexported pruned policy vs dense agent.act at batch 1: {times['dense'][0] / times['pruned'][1]:.1f}x faster")

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import deploy
 import xinet
 from xinet import Agent, Config, GatedLinear, ReplayBuffer
 
@@ -500,9 +501,9 @@ def e2e_dense_params() -> int:
     return Agent(small_config(ofe_layers=2, ofe_units=8, hidden=32), OBS, -np.ones(ACT), np.ones(ACT)).sizes()["params"]
 
 
-def run_cli(*args, cwd=HERE):
+def run_cli(*args, cwd=HERE, script="xinet.py"):
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    return subprocess.run([sys.executable, os.path.join(HERE, "xinet.py"), *args], cwd=cwd,
+    return subprocess.run([sys.executable, os.path.join(HERE, script), *args], cwd=cwd,
                           capture_output=True, text=True, timeout=600, env=env)
 
 
@@ -588,7 +589,6 @@ def test_arch_from_builds_small_dense_agent(e2e_runs, tmp_path):
     (["--prune-strength", "nan"], "--prune-strength"),
     (["--gate-lr", "inf"], "--gate-lr"),
     (["--resume", "no/such/run"], "no/such/run"),
-    (["--export", "no/such/agent.pt"], "does not exist"),
 ])
 def test_user_errors_are_one_clear_sentence(args, words):
     res = run_cli(*args)
@@ -630,13 +630,13 @@ def test_exported_policy_equals_act_at_every_pruning_level(kw, p_keep):
         for p in agent.actor.parameters():
             p.mul_(3.0)  # actions spread over (-1, 1), not all near 0
     agent.prune()
-    policy = xinet.export_policy(agent)
+    policy = deploy.export_policy(agent)
     obs = np.random.default_rng(0).normal(size=(256, OBS)).astype(np.float32)
     expected = agent.act(obs)
     with torch.no_grad():
         got = policy(torch.from_numpy(obs)).numpy()
     assert np.abs(got - expected).max() < 1e-5 and expected.std() > 0.1
-    assert {type(m) for m in policy.modules()} <= {xinet.DeployedPolicy, torch.nn.ModuleList, torch.nn.Linear}
+    assert {type(m) for m in policy.modules()} <= {deploy.DeployedPolicy, torch.nn.ModuleList, torch.nn.Linear}
     assert policy.flops() == agent.sizes()["flops_per_action"] - 2 * agent.actor.net[-1].linear.in_features * ACT
 
 
@@ -663,7 +663,8 @@ def test_gates_price_table(e2e_runs, capsys):
 
 def test_exported_policy_runs_in_a_process_with_only_torch(e2e_runs, tmp_path):
     ckpt, out = os.path.join(e2e_runs[0], "agent.pt"), str(tmp_path / "policy.pt")
-    res = run_cli("--export", ckpt, "--out", out)
+    assert refused(run_cli("no/such/agent.pt", script="deploy.py"), "does not exist")
+    res = run_cli(ckpt, "--out", out, script="deploy.py")
     assert res.returncode == 0, res.stderr
     assert "parameters" in res.stdout and "FLOPs" in res.stdout and "per action" in res.stdout
     obs = np.random.default_rng(1).normal(size=(32, OBS)).astype(np.float32)
@@ -748,7 +749,7 @@ def test_missing_renderer_is_one_sentence_before_training(tmp_path):
 def test_onnx_export_matches_the_policy(e2e_runs, tmp_path):
     import onnxruntime
     out = str(tmp_path / "policy.onnx")
-    res = run_cli("--export", os.path.join(e2e_runs[0], "agent.pt"), "--format", "onnx", "--out", out)
+    res = run_cli(os.path.join(e2e_runs[0], "agent.pt"), "--format", "onnx", "--out", out, script="deploy.py")
     assert res.returncode == 0, res.stderr
     assert "actions equal agent.act's" in res.stdout and "FLOPs per action" in res.stdout
     agent = xinet.load_agent(os.path.join(e2e_runs[0], "agent.pt"))
