@@ -74,12 +74,13 @@ GRIDS = {
     # and with gating held back until 30k steps, HalfCheetah's remedy, tried on Hopper.
     "hopper_recheck": Grid({"flip_g30": FRONTIER["flip_g30"], "late": "--prune-start 30000"}),
     # Beyond Hopper: plain SAC, the dense agent, XiNet at the default γ and each seed's final
-    # XiNet architecture trained from scratch; on HalfCheetah also XiNet with gating held back
-    # until 30k steps (20k updates after the random steps), on seeds 1-3 (Walker2d: every seed).
-    **{name: Grid({"sac": SAC, "dense": "--no-gates", "xinet": "", "small": "--no-gates", **late},
-                  seeds=seeds, fewer_seeds={"xinet_late": (1, 2, 3)}, arch_from={"small": "xinet"}, env=env)
-       for name, env, seeds, late in (("halfcheetah", "HalfCheetah-v4", (1, 2, 3, 4, 5), {"xinet_late": "--prune-start 30000"}),
-                                      ("walker2d", "Walker2d-v4", (1, 2, 3), {"xinet_late": "--prune-start 30000"}))},
+    # XiNet architecture trained from scratch; also XiNet with gating held back until 30k steps
+    # (20k updates after the random steps) and its architectures from scratch, on seeds 1-3.
+    **{name: Grid({"sac": SAC, "dense": "--no-gates", "xinet": "", "small": "--no-gates",
+                   "xinet_late": "--prune-start 30000", "small_late": "--no-gates"},
+                  seeds=seeds, fewer_seeds={"xinet_late": (1, 2, 3), "small_late": (1, 2, 3)},
+                  arch_from={"small": "xinet", "small_late": "xinet_late"}, env=env)
+       for name, env, seeds in (("halfcheetah", "HalfCheetah-v4", (1, 2, 3, 4, 5)), ("walker2d", "Walker2d-v4", (1, 2, 3)))},
 }
 
 
@@ -202,7 +203,7 @@ def report(runs: str, grid: str, results: str) -> None:
 # The claims table: per environment, each agent's (grid, configuration) in results/<grid>_summary.csv
 CLAIMS = {"Hopper-v4": {"sac": ("sac_parity", "sac"), "dense": ("hopper", "dense"), "xinet": ("hopper", "flip_g30"),
                         "small": ("hopper", "small_g30"), "xinet_late": ("hopper_recheck", "late")},
-          **{env: {c: (grid, c) for c in ("sac", "dense", "xinet", "xinet_late", "small")}
+          **{env: {c: (grid, c) for c in ("sac", "dense", "xinet", "xinet_late", "small", "small_late")}
              for env, grid in (("HalfCheetah-v4", "halfcheetah"), ("Walker2d-v4", "walker2d"))}}
 
 
@@ -254,8 +255,9 @@ def claims(results: str) -> None:
             row[k], row[f"{k}_lo"], row[f"{k}_hi"] = bootstrap([v[k] for v in seeds.values()])
         for k in ("params", "flops_per_action"):
             row[f"{k}_pct_dense"] = 100 * row[k] / np.mean([v[k] for v in dense.values()]) if dense else float("nan")
-        if agent == "xinet" and (env, "small") in runs:
-            small = runs[env, "small"]
+        scratch = {"xinet": "small", "xinet_late": "small_late"}.get(agent)  # its architectures from scratch
+        if (env, scratch) in runs:
+            small = runs[env, scratch]
             for k in PAIRED:
                 diffs = [seeds[s][k] - small[s][k] for s in seeds if s in small]
                 row[f"{k}_minus_small"], row[f"{k}_minus_small_lo"], row[f"{k}_minus_small_hi"] = bootstrap(diffs)
@@ -264,7 +266,7 @@ def claims(results: str) -> None:
     for k in PAIRED:  # normalised by the environment's dense agent (its mean over seeds)
         norm = {(env, agent): np.array([v[k] for v in runs[env, agent].values()]) / np.mean([v[k] for v in runs[env, "dense"].values()])
                 for env in envs for agent in CLAIMS[env] if (env, agent) in runs}
-        for agent in ("sac", "dense", "xinet", "xinet_late", "small"):
+        for agent in ("sac", "dense", "xinet", "xinet_late", "small", "small_late"):
             have = [env for env in envs if (env, agent) in norm]
             if have:
                 value, lo, hi = stratified(lambda d: iqm(np.concatenate([a for a, in d.values()])),
