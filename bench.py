@@ -243,7 +243,7 @@ def bench_one(name: str, cfg: xinet.Config, device: torch.device, steps: int, wa
 
 def deploy_table(ckpt: str) -> None:
     """Time per action of the deployed policy (CPU): the dense policy and the checkpoint's pruned
-    one, each through agent.act and exported (export_policy, as TorchScript, as --export writes
+    one, each through agent.act and exported (export_policy, as TorchScript, as deploy.py writes
     it), at batch 1 (numpy in, numpy out, as a control loop calls it) and at batch 1,000."""
     pruned = xinet.load_agent(ckpt)
     low, high = (pruned.actor.bias - pruned.actor.scale).numpy(), (pruned.actor.bias + pruned.actor.scale).numpy()

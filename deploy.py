@@ -122,7 +122,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="", help="the file to write (default: policy.pt or policy.onnx beside CKPT)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args(argv)
-    if args.threads > 0:
+    if args.threads < 0:
+        parser.error(f"--threads must not be negative, got {args.threads}.")
+    if args.threads:
         torch.set_num_threads(args.threads)
     try:
         export_checkpoint(args.checkpoint, args.out, args.format)
