@@ -273,12 +273,13 @@ def claims(results: str) -> None:
                                            {env: (norm[env, agent],) for env in have})
                 rows.append({"env": f"IQM over {len(have)} env(s), normalised by dense", "agent": agent, "metric": k,
                              "value": value, "lo": lo, "hi": hi})
-        both = [env for env in envs if (env, "xinet") in norm and (env, "small") in norm]
-        if both:
-            value, lo, hi = stratified(lambda d: float(np.mean([prob_improvement(x, y) for x, y in d.values()])),
-                                       {env: (norm[env, "xinet"], norm[env, "small"]) for env in both})
-            rows.append({"env": f"P(xinet > small) over {len(both)} env(s)", "agent": "xinet", "metric": k,
-                         "value": value, "lo": lo, "hi": hi})
+        for pruned, small in (("xinet", "small"), ("xinet_late", "small_late")):
+            both = [env for env in envs if (env, pruned) in norm and (env, small) in norm]
+            if both:
+                value, lo, hi = stratified(lambda d: float(np.mean([prob_improvement(x, y) for x, y in d.values()])),
+                                           {env: (norm[env, pruned], norm[env, small]) for env in both})
+                rows.append({"env": f"P({pruned} > {small}) over {len(both)} env(s)", "agent": pruned, "metric": k,
+                             "value": value, "lo": lo, "hi": hi})
     write_csv(os.path.join(results, "claims.csv"), rows)
     for r in rows:
         if "metric" in r:
