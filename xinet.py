@@ -148,11 +148,7 @@ class UserError(Exception):
 
 
 class Stopped(Exception):
-    """SIGINT or SIGTERM stopped the run after its checkpoint was written; exit code 128 + signal."""
-
-    def __init__(self, signum: int, step: int):
-        super().__init__(signum, step)
-        self.signum, self.step = signum, step
+    """Stopped(signal, step): SIGINT or SIGTERM stopped the run after its checkpoint was written."""
 
 
 @contextlib.contextmanager
@@ -1293,23 +1289,20 @@ def stop_on_signals():
             signal.signal(sig, h)
 
 
-class Divergence(UserError):
-    def __init__(self, what: str, flags: set[str]):
-        super().__init__(f"the run diverged: {what} (NaN or inf); try a smaller {' or '.join(sorted(flags))}")
-
-
-def check_finite(agent: Agent, step: int, first_update: int, returns: Optional[np.ndarray] = None) -> None:
-    """Raises Divergence if anything the run has computed is NaN or inf: the device flags of every
+def divergence(agent: Agent, step: int, first_update: int, returns: Optional[np.ndarray] = None) -> Optional[str]:
+    """What of the run went NaN or inf, and the flags to try, or None: the device flags of every
     update since `first_update` (read here, once per block), every parameter, the returns."""
     bad = [name for name, good in zip(HEALTH, agent.finite.tolist()) if not good]
+    param = next((name for name, p in agent.named_parameters() if not bool(torch.isfinite(p).all())), None)
     if bad:
-        raise Divergence(f"at step {first_update + int(agent.finite_updates):,} {' and '.join(bad)} "
-                         f"went non-finite", {HEALTH[name] for name in bad})
-    for name, p in agent.named_parameters():
-        if not bool(torch.isfinite(p).all()):
-            raise Divergence(f"by step {step:,} the parameter {name} went non-finite", {"--lr", "--critic-lr"})
-    if returns is not None and not np.isfinite(returns).all():
-        raise Divergence(f"at step {step:,} the evaluation return went non-finite", {"--lr"})
+        what, flags = f"at step {first_update + int(agent.finite_updates):,} {' and '.join(bad)}", {HEALTH[n] for n in bad}
+    elif param:
+        what, flags = f"by step {step:,} the parameter {param}", {"--lr", "--critic-lr"}
+    elif returns is not None and not np.isfinite(returns).all():
+        what, flags = f"at step {step:,} the evaluation return", {"--lr"}
+    else:
+        return None
+    return f"the run diverged: {what} went non-finite (NaN or inf); try a smaller {' or '.join(sorted(flags))}"
 
 
 def start(cfg: Config, env: gym.Env, device: torch.device, resume: bool) -> tuple[Agent, ReplayBuffer, dict, np.ndarray]:
@@ -1346,7 +1339,7 @@ def train(cfg: Config, on_eval: Optional[Callable[[int, "Agent"], None]] = None,
     is called after every evaluation (the tutorial records theta with it). With `resume`, the
     run in `cfg.out` goes on from its last checkpoint (see `resume_config`). Once `stop[0]` is
     set (`stop_on_signals`), the run saves where it stands and raises `Stopped`. A run that
-    diverges stops with a `Divergence` before anything non-finite reaches a file."""
+    diverges stops (`divergence`) before anything non-finite reaches a file."""
     cfg = validate(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -1374,11 +1367,10 @@ def train(cfg: Config, on_eval: Optional[Callable[[int, "Agent"], None]] = None,
     stop = stop or [0]
 
     def guard(step: int, returns: Optional[np.ndarray] = None) -> None:
-        try:
-            check_finite(agent, step, first_update, returns)
-        except Divergence as e:
+        why = divergence(agent, step, first_update, returns)
+        if why:
             kept = f"{run_dir}/agent.pt and resume.pt stay those of step {loop['step']:,}" if loop["step"] else "no checkpoint was written"
-            raise UserError(f"{e}; {kept}.") from None
+            raise UserError(f"{why}; {kept}.")
 
     def checkpoint(step: int, returns: Optional[np.ndarray] = None, row: Optional[dict] = None) -> None:
         guard(step, returns)  # nothing non-finite is ever written over a good checkpoint
@@ -1582,9 +1574,10 @@ def main(argv=None) -> int:
         print(f"xinet: error: {e}", file=sys.stderr)
         return 2
     except Stopped as e:
-        print(f"xinet: stopped by {signal.Signals(e.signum).name} at step {e.step:,}, saved; "
+        signum, step = e.args
+        print(f"xinet: stopped by {signal.Signals(signum).name} at step {step:,}, saved; "
               f"`python xinet.py --resume {cfg.out}` goes on from there.", file=sys.stderr)
-        return 128 + e.signum
+        return 128 + signum
     except KeyboardInterrupt:
         training = cfg.out and not other.eval
         hint = f"; `python xinet.py --resume {cfg.out}` goes on from the last checkpoint" if training else ""
