@@ -270,6 +270,41 @@ def deploy_table(ckpt: str) -> None:
     print(f"\nexported pruned policy vs dense agent.act at batch 1: {times['dense'][0] / times['pruned'][1]:.1f}x faster")
 
 
+def twin_critics_table(reps: int = 5) -> None:
+    """Both critics' forward and backward (batch 256) as two MLPs, as xinet.py runs them, against
+    one `baddbmm` per layer over stacked weights, the narrower critic's extra units masked to 0:
+    the lever of batching the twin critics, measured before building it into GatedLinear."""
+    cases = [("SAC", 14, (256, 256), (256, 256)), ("XiNet 100%", 494, (256, 256), (256, 256)),
+             ("XiNet 10%", 120, (40, 30), (25, 50))]
+    print(f"CPU, {torch.get_num_threads()} thread(s); batch {BATCH}\n\n| critics' input, widths | two MLPs, ms "
+          "| one batched MLP, ms | speed-up |\n|---|---|---|---|")
+    for name, d_in, *widths in cases:
+        z = torch.randn(BATCH, d_in, requires_grad=True)
+        mlps = [[torch.nn.Linear(i, o) for i, o in zip((d_in, *w), (*w, 1))] for w in widths]
+        wide = [max(w[k] for w in widths) for k in range(2)]
+        stacked = [(torch.randn(2, i, o, requires_grad=True), torch.zeros(2, 1, o, requires_grad=True))
+                   for i, o in zip((d_in, *wide), (*wide, 1))]
+        masks = [torch.stack([torch.arange(wide[k]) < w[k] for w in widths]).unsqueeze(1).float() for k in range(2)]
+
+        def two():
+            outs = []
+            for layers in mlps:
+                h = z
+                for k, layer in enumerate(layers):
+                    h = layer(h) if k == len(layers) - 1 else torch.relu(layer(h))
+                outs.append(h)
+            torch.cat(outs, -1).sum().backward()
+
+        def batched():
+            h = z.expand(2, *z.shape)
+            for k, (w, b) in enumerate(stacked):
+                h = torch.baddbmm(b, h, w)
+                h = torch.relu(h) * masks[k] if k < 2 else h
+            h.sum().backward()
+        t = [min(seconds_per_call(f, 50) for _ in range(reps)) * 1e3 for f in (two, batched)]
+        print(f"| {name}: {d_in}, {widths[0]} and {widths[1]} | {t[0]:.2f} | {t[1]:.2f} | {t[0] / t[1]:.2f}x |")
+
+
 CONFIGS = [
     ("SAC", dict(ofenet=False, gates=False), 1.0),
     ("OFE-SAC", dict(gates=False), 1.0),
@@ -288,12 +323,16 @@ def main(argv=None) -> int:
     parser.add_argument("--no-cuda-graphs", action="store_true", help="run the GPU update eagerly")
     parser.add_argument("--only", default="", help="comma-separated subset of the configurations")
     parser.add_argument("--deploy", metavar="CKPT", default="", help="time the deployed policy of a saved agent instead")
+    parser.add_argument("--twin-critics", action="store_true", help="time the twin critics as two MLPs and as one batched MLP instead")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench.py: error: --device cuda was asked for but no CUDA device is available.", file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.twin_critics:
+        twin_critics_table()
+        return 0
     if args.deploy:
         try:
             deploy_table(args.deploy)
