@@ -56,7 +56,8 @@ class Grid:
 
 
 SAC = "--no-ofenet --no-gates"
-FRONTIER = {f"flip_g{g}": f"--estimator flip --prune-strength {g}" for g in (1, 3, 10, 30, 50, 100)}
+# Gating from the end of pre-training (step 10k, --prune-start 0) was the default when these ran.
+FRONTIER = {f"flip_g{g}": f"--estimator flip --prune-strength {g} --prune-start 0" for g in (1, 3, 10, 30, 50, 100)}
 GRIDS = {
     # Plain SAC's settings against the widely used single-file SAC's (5k random steps, critic
     # and temperature learning rate 1e-3).
@@ -76,7 +77,7 @@ GRIDS = {
     # Beyond Hopper: plain SAC, the dense agent, XiNet at the default γ and each seed's final
     # XiNet architecture trained from scratch; also XiNet with gating held back until 30k steps
     # (20k updates after the random steps) and its architectures from scratch, on seeds 1-3.
-    **{name: Grid({"sac": SAC, "dense": "--no-gates", "xinet": "", "small": "--no-gates",
+    **{name: Grid({"sac": SAC, "dense": "--no-gates", "xinet": "--prune-start 0", "small": "--no-gates",
                    "xinet_late": "--prune-start 30000", "small_late": "--no-gates"},
                   seeds=seeds, fewer_seeds={"xinet_late": (1, 2, 3), "small_late": (1, 2, 3)},
                   arch_from={"small": "xinet", "small_late": "xinet_late"}, env=env)

@@ -493,7 +493,8 @@ def test_replay_buffer_across_episode_ends_and_wraparound():
 E2E = ["--env", "Hopper-v4", "--total-steps", "1200", "--learning-starts", "300", "--pretrain-steps", "100",
        "--eval-every", "400", "--eval-episodes", "2", "--log-every", "400", "--ofe-layers", "2",
        "--ofe-units", "8", "--hidden", "32", "--batch-size", "64", "--prune-every", "200",
-       "--prune-strength", "3", "--gate-lr", "0.05", "--prune-ramp", "0", "--device", "cpu", "--seed", "3"]
+       "--prune-strength", "3", "--gate-lr", "0.05", "--prune-ramp", "0", "--prune-start", "0", "--device", "cpu",
+       "--seed", "3"]
 
 
 def e2e_dense_params() -> int:

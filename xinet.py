@@ -86,8 +86,9 @@ class Config:
     """gradient estimator of dE[loss]/dtheta: flip (unbiased) or pathwise (cheaper, biased)"""
     prune_strength: float = -1.0
     """gamma of Eq. 3, the price of a full agent's parameters in loss units (<0: 30 for flip, 1 for pathwise)"""
-    prune_start: int = 0
-    """environment step at which gate training and pruning begin (never before pre-training ends)"""
+    prune_start: int = 30_000
+    """environment step at which gate training and pruning begin (never before pre-training ends): by
+    default 20k updates after the random steps, so that the agent has learned what its units are for"""
     prune_ramp: int = 10_000
     """environment steps over which gamma ramps linearly from 0 to its value"""
     prune_every: int = 1_000
