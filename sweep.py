@@ -70,9 +70,9 @@ GRIDS = {
     "hopper": Grid({"dense": "--no-gates", **FRONTIER, **{f"small_g{g}": "--no-gates" for g in (3, 10, 30)}},
                    fewer_seeds={"flip_g1": (1,), "flip_g50": (1, 2), "flip_g100": (1, 2), "small_g3": (2,)},
                    arch_from={f"small_g{g}": f"flip_g{g}" for g in (3, 10, 30)}),
-    # The hopper grid's default (γ = 30) again, with the code of a gate step every fourth update
-    # (--gate-every 4), against that grid's flip_g30 from the code with one at every update;
-    # and with gating held back until 30k steps, HalfCheetah's remedy, tried on Hopper.
+    # The hopper grid's old default (γ = 30, gating from 10k) again, with the code of a gate step
+    # every fourth update (--gate-every 4), against that grid's flip_g30 from the code with one at
+    # every update; and with gating held back until 30k steps (now the default), tried on Hopper.
     "hopper_recheck": Grid({"flip_g30": FRONTIER["flip_g30"], "late": "--prune-start 30000"}),
     # Beyond Hopper: plain SAC, the dense agent, XiNet at the default γ and each seed's final
     # XiNet architecture trained from scratch; also XiNet with gating held back until 30k steps
