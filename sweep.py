@@ -73,8 +73,10 @@ GRIDS = {
                    arch_from={f"small_g{g}": f"flip_g{g}" for g in (3, 10, 30)}),
     # The hopper grid's old default (γ = 30, gating from 10k) again, with the code of a gate step
     # every fourth update (--gate-every 4), against that grid's flip_g30 from the code with one at
-    # every update; and with gating held back until 30k steps (now the default), tried on Hopper.
-    "hopper_recheck": Grid({"flip_g30": FRONTIER["flip_g30"], "late": "--prune-start 30000"}),
+    # every update; and with gating held back until 30k steps (now the default), tried on Hopper,
+    # with each seed's final architecture of it trained from scratch.
+    "hopper_recheck": Grid({"flip_g30": FRONTIER["flip_g30"], "late": "--prune-start 30000", "small_late": "--no-gates"},
+                           arch_from={"small_late": "late"}),
     # Beyond Hopper: plain SAC, the dense agent, XiNet at the default (gating from 30k steps, 20k
     # updates after the random steps) and each seed's final XiNet architecture trained from
     # scratch; on HalfCheetah also gating from 10k (the old default) and its architectures, on
@@ -204,7 +206,8 @@ def report(runs: str, grid: str, results: str) -> None:
 
 # The claims table: per environment, each agent's (grid, configuration) in results/<grid>_summary.csv
 CLAIMS = {"Hopper-v4": {"sac": ("sac_parity", "sac"), "dense": ("hopper", "dense"), "xinet": ("hopper", "flip_g30"),
-                        "small": ("hopper", "small_g30"), "xinet_late": ("hopper_recheck", "late")},
+                        "small": ("hopper", "small_g30"), "xinet_late": ("hopper_recheck", "late"),
+                        "small_late": ("hopper_recheck", "small_late")},
           **{env: {c: (grid, c) for c in ("sac", "dense", "xinet", "xinet_late", "small", "small_late")}
              for env, grid in (("HalfCheetah-v4", "halfcheetah"), ("Walker2d-v4", "walker2d"))}}
 
