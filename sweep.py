@@ -191,9 +191,10 @@ def report(runs: str, grid: str, results: str) -> None:
         sys.exit(f"sweep: no finished run of {grid} under {runs}.")
     for config in set(g.arch_from.values()):
         for seed in {r["seed"] for r in curves if r["config"] == config}:
-            os.makedirs(os.path.join(results, "agents", grid, config), exist_ok=True)
-            shutil.copyfile(os.path.join(run_dir(runs, grid, config, seed), "agent.pt"),
-                            os.path.join(results, "agents", grid, config, f"seed{seed}.pt"))
+            agent = os.path.join(run_dir(runs, grid, config, seed), "agent.pt")
+            if os.path.exists(agent):  # not for a run whose agent was lost (its progress.csv restored)
+                os.makedirs(os.path.join(results, "agents", grid, config), exist_ok=True)
+                shutil.copyfile(agent, os.path.join(results, "agents", grid, config, f"seed{seed}.pt"))
     write_csv(os.path.join(results, f"{grid}.csv"), curves)
     write_csv(os.path.join(results, f"{grid}_summary.csv"), summary)
     print_table(summary)
