@@ -669,14 +669,10 @@ class Agent(nn.Module):
         return wires
 
     def hidden_layers(self) -> dict[str, GatedLinear]:
-        """Every online layer whose units can be gated: OFENet's blocks, actor and critic hidden
-        layers (named as in the state dict, e.g. 'ofenet.state_block.0', 'critic.qs.1.0')."""
-        blocks = {}
-        if self.ofenet is not None:
-            blocks = {"ofenet.state_block": self.ofenet.state_block, "ofenet.sa_block": self.ofenet.sa_block}
-        blocks["actor.net"] = self.actor.net[:-1]  # an MLP's last layer is its output
-        blocks.update({f"critic.qs.{k}": q[:-1] for k, q in enumerate(self.critic.qs)})
-        return {f"{prefix}.{k}": layer for prefix, block in blocks.items() for k, layer in enumerate(block)}
+        """Every online layer whose units can be gated, i.e. that another layer reads: OFENet's blocks,
+        actor and critic hidden layers (named as in the state dict, e.g. 'ofenet.state_block.0')."""
+        read = {s for _, sources in self.wiring(targets=False) for s in sources if not isinstance(s, int)}
+        return {name: m for name, m in self.named_modules() if m in read}
 
     def widths(self) -> dict[str, list]:
         """Hidden widths per layer: enough to rebuild this (possibly pruned) architecture."""
