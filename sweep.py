@@ -90,9 +90,11 @@ GRIDS = {
     # On Walker2d also plain SAC at the published learning rates (1e-3 for actor, critics and
     # temperature) and at CleanRL's (critics and temperature 1e-3, 5k random steps): the base
     # check, since plain SAC there ends far below published SAC and CleanRL's SAC at 100k.
+    # And γ = 10 with its architectures from scratch, as on HalfCheetah: does one γ serve all three?
     "walker2d": Grid({**BEYOND, "sac_lr1e3": f"{SAC} --lr 0.001 --critic-lr 0.001",
-                      "sac_fast": f"{SAC} --learning-starts 5000 --critic-lr 0.001"}, seeds=(1, 2, 3),
-                     arch_from={"small_late": "xinet_late"}, env="Walker2d-v4"),
+                      "sac_fast": f"{SAC} --learning-starts 5000 --critic-lr 0.001",
+                      "xinet_g10": "--prune-start 30000 --prune-strength 10", "small_g10": "--no-gates"}, seeds=(1, 2, 3),
+                     arch_from={"small_late": "xinet_late", "small_g10": "xinet_g10"}, env="Walker2d-v4"),
 }
 
 
