@@ -58,11 +58,13 @@ class Grid:
 SAC = "--no-ofenet --no-gates"
 # Gating from the end of pre-training (step 10k, --prune-start 0) was the default when these ran.
 FRONTIER = {f"flip_g{g}": f"--estimator flip --prune-strength {g} --prune-start 0" for g in (1, 3, 10, 30, 50, 100)}
+SAC_FAST = f"{SAC} --learning-starts 5000 --critic-lr 0.001"  # CleanRL's: 5k random steps, critic and temperature 1e-3
 BEYOND = {"sac": SAC, "dense": "--no-gates", "xinet_late": "--prune-start 30000", "small_late": "--no-gates"}
+G10 = {"xinet_g10": "--prune-start 30000 --prune-strength 10", "small_g10": "--no-gates"}  # a third of the default's γ
 GRIDS = {
     # Plain SAC's settings against the widely used single-file SAC's (5k random steps, critic
     # and temperature learning rate 1e-3).
-    "sac_parity": Grid({"sac": SAC, "sac_fast": f"{SAC} --learning-starts 5000 --critic-lr 0.001"}),
+    "sac_parity": Grid({"sac": SAC, "sac_fast": SAC_FAST}),
     # The runs of record: the dense OFENet agent on three seeds, XiNet with the flip estimator
     # at six prices γ (the frontier of return against size), three seeds each of the candidates
     # for the default (γ = 3, 10, 30), two each of γ = 50 and 100 (the screens above the default) and one of
@@ -82,18 +84,16 @@ GRIDS = {
     # scratch; on HalfCheetah also gating from 10k (the old default) and its architectures, on
     # seeds 1-3; and a third of the default's price (γ = 10, gating from 30k) with its architectures
     # from scratch, on seeds 1-3: is the default's loss to dense the size γ = 30 leaves?
-    "halfcheetah": Grid({**BEYOND, "xinet": "--prune-start 0", "small": "--no-gates",
-                         "xinet_g10": "--prune-start 30000 --prune-strength 10", "small_g10": "--no-gates"}, seeds=(1, 2, 3, 4, 5),
+    "halfcheetah": Grid({**BEYOND, "xinet": "--prune-start 0", "small": "--no-gates", **G10}, seeds=(1, 2, 3, 4, 5),
                         fewer_seeds={c: (1, 2, 3) for c in ("xinet", "small", "xinet_g10", "small_g10")},
                         arch_from={"small": "xinet", "small_late": "xinet_late", "small_g10": "xinet_g10"},
                         env="HalfCheetah-v4"),
     # On Walker2d also plain SAC at the published learning rates (1e-3 for actor, critics and
-    # temperature) and at CleanRL's (critics and temperature 1e-3, 5k random steps): the base
-    # check, since plain SAC there ends far below published SAC and CleanRL's SAC at 100k.
-    # And γ = 10 with its architectures from scratch, as on HalfCheetah: does one γ serve all three?
-    "walker2d": Grid({**BEYOND, "sac_lr1e3": f"{SAC} --lr 0.001 --critic-lr 0.001",
-                      "sac_fast": f"{SAC} --learning-starts 5000 --critic-lr 0.001",
-                      "xinet_g10": "--prune-start 30000 --prune-strength 10", "small_g10": "--no-gates"}, seeds=(1, 2, 3),
+    # temperature) and at CleanRL's: the base check, since plain SAC there ends far below
+    # published SAC at 100k. And γ = 10 with its architectures from scratch, as on HalfCheetah:
+    # does one γ serve all three environments?
+    "walker2d": Grid({**BEYOND, "sac_lr1e3": f"{SAC} --lr 0.001 --critic-lr 0.001", "sac_fast": SAC_FAST, **G10},
+                     seeds=(1, 2, 3),
                      arch_from={"small_late": "xinet_late", "small_g10": "xinet_g10"}, env="Walker2d-v4"),
 }
 
