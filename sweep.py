@@ -76,9 +76,10 @@ GRIDS = {
     # The hopper grid's old default (γ = 30, gating from 10k) again, with the code of a gate step
     # every fourth update (--gate-every 4), against that grid's flip_g30 from the code with one at
     # every update; and with gating held back until 30k steps (now the default), tried on Hopper,
-    # with each seed's final architecture of it trained from scratch.
-    "hopper_recheck": Grid({"flip_g30": FRONTIER["flip_g30"], "late": "--prune-start 30000", "small_late": "--no-gates"},
-                           arch_from={"small_late": "late"}),
+    # with each seed's final architecture of it trained from scratch; and γ = 10 from 30k, as on
+    # HalfCheetah and Walker2d.
+    "hopper_recheck": Grid({"flip_g30": FRONTIER["flip_g30"], "late": "--prune-start 30000", "small_late": "--no-gates", **G10},
+                           arch_from={"small_late": "late", "small_g10": "xinet_g10"}),
     # Beyond Hopper: plain SAC, the dense agent, XiNet at the default (gating from 30k steps, 20k
     # updates after the random steps) and each seed's final XiNet architecture trained from
     # scratch; on HalfCheetah also gating from 10k (the old default) and its architectures, on

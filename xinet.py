@@ -18,21 +18,7 @@ the update, the loop, main. Equations are numbered (Eq. 1-9) as in the README's 
 """
 from __future__ import annotations
 
-import argparse
-import ast
-import contextlib
-import copy
-import csv
-import dataclasses
-import inspect
-import io
-import json
-import math
-import os
-import signal
-import sys
-import time
-from dataclasses import dataclass
+import argparse, ast, contextlib, copy, csv, dataclasses, inspect, io, json, math, os, signal, sys, time
 from typing import Callable, Optional, Sequence, Union
 
 import gymnasium as gym
@@ -46,7 +32,7 @@ import torch.nn.functional as F
 # Config
 # ----------------------------------------------------------------------------------------------
 
-@dataclass
+@dataclasses.dataclass
 class Config:
     env: str = "Hopper-v4"
     """gymnasium environment id (any with a Box action space)"""
@@ -132,11 +118,6 @@ DEFAULT_STRENGTH = {"flip": 30.0, "pathwise": 1.0}
 NETWORKS = ("ofenet", "actor", "critic")
 RESUMABLE = ("total_steps", "threads", "device", "cuda_graphs", "log_every", "keep_resume", "capture_video",
              "video_every", "tensorboard")  # may change on --resume
-
-
-def ofenet_size(env_id: str) -> tuple[int, int]:
-    """OFENet's reference (layers, units) per block: 8x30 for HalfCheetah and Humanoid, else 6x40."""
-    return (8, 30) if env_id.startswith(("HalfCheetah", "Humanoid")) else (6, 40)
 
 
 def flag(name: str) -> str:
@@ -547,11 +528,6 @@ class ExpectedParams(nn.Module):
         return e @ self.fixed_in + e @ (self.A @ e)
 
 
-def expected_params(wiring: Wiring) -> torch.Tensor:
-    """P(theta) of a wiring (Eq. 4), a scalar tensor differentiable in every theta."""
-    return ExpectedParams(wiring)()
-
-
 @torch.no_grad()
 def project_gates_(layers: list[GatedLinear], before: list[torch.Tensor]) -> None:
     """theta <- clip_[0,1](theta) after a gradient step (the projection of Eq. 9), which is what
@@ -612,7 +588,7 @@ class Agent(nn.Module):
         self.cfg, self.obs_dim, self.act_dim = cfg, obs_dim, len(act_low)
         gated = set(filter(None, cfg.gate.split(","))) if cfg.gates else set()
         est = cfg.estimator
-        layers, units = ofenet_size(cfg.env)
+        layers, units = (8, 30) if cfg.env.startswith(("HalfCheetah", "Humanoid")) else (6, 40)  # OFENet's reference sizes
         layers, units = cfg.ofe_layers or layers, cfg.ofe_units or units
         w = widths or {"state": [units] * layers, "state_action": [units] * layers,
                        "actor": [cfg.hidden] * 2, "critic": [[cfg.hidden] * 2] * 2}
