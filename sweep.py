@@ -216,11 +216,15 @@ def report(runs: str, grid: str, results: str) -> None:
     plot(curves, summary, g, os.path.join(results, f"{grid}.png"))
 
 
-# The claims table: per environment, each agent's (grid, configuration) in results/<grid>_summary.csv
+# The claims table: per environment, each agent's (grid, configuration) in results/<grid>_summary.csv;
+# each XiNet configuration with its architectures trained from scratch
+SCRATCH = {"xinet": "small", "xinet_late": "small_late", "xinet_g10": "small_g10"}
+AGENTS = ("sac", "dense", *[a for pair in SCRATCH.items() for a in pair])
 CLAIMS = {"Hopper-v4": {"sac": ("sac_parity", "sac"), "dense": ("hopper", "dense"), "xinet": ("hopper", "flip_g30"),
                         "small": ("hopper", "small_g30"), "xinet_late": ("hopper_recheck", "late"),
-                        "small_late": ("hopper_recheck", "small_late")},
-          **{env: {c: (grid, c) for c in ("sac", "dense", "xinet", "xinet_late", "small", "small_late")}
+                        "small_late": ("hopper_recheck", "small_late"), "xinet_g10": ("hopper_recheck", "xinet_g10"),
+                        "small_g10": ("hopper_recheck", "small_g10")},
+          **{env: {c: (grid, c) for c in AGENTS}
              for env, grid in (("HalfCheetah-v4", "halfcheetah"), ("Walker2d-v4", "walker2d"))}}
 
 
@@ -272,7 +276,7 @@ def claims(results: str) -> None:
             row[k], row[f"{k}_lo"], row[f"{k}_hi"] = bootstrap([v[k] for v in seeds.values()])
         for k in ("params", "flops_per_action"):
             row[f"{k}_pct_dense"] = 100 * row[k] / np.mean([v[k] for v in dense.values()]) if dense else float("nan")
-        scratch = {"xinet": "small", "xinet_late": "small_late"}.get(agent)  # its architectures from scratch
+        scratch = SCRATCH.get(agent)  # its architectures from scratch
         if (env, scratch) in runs:
             small = runs[env, scratch]
             for k in PAIRED:
@@ -283,14 +287,14 @@ def claims(results: str) -> None:
     for k in PAIRED:  # normalised by the environment's dense agent (its mean over seeds)
         norm = {(env, agent): np.array([v[k] for v in runs[env, agent].values()]) / np.mean([v[k] for v in runs[env, "dense"].values()])
                 for env in envs for agent in CLAIMS[env] if (env, agent) in runs}
-        for agent in ("sac", "dense", "xinet", "xinet_late", "small", "small_late"):
+        for agent in AGENTS:
             have = [env for env in envs if (env, agent) in norm]
             if have:
                 value, lo, hi = stratified(lambda d: iqm(np.concatenate([a for a, in d.values()])),
                                            {env: (norm[env, agent],) for env in have})
                 rows.append({"env": f"IQM over {len(have)} env(s), normalised by dense", "agent": agent, "metric": k,
                              "value": value, "lo": lo, "hi": hi})
-        for pruned, small in (("xinet", "small"), ("xinet_late", "small_late")):
+        for pruned, small in SCRATCH.items():
             both = [env for env in envs if (env, pruned) in norm and (env, small) in norm]
             if both:
                 value, lo, hi = stratified(lambda d: float(np.mean([prob_improvement(x, y) for x, y in d.values()])),
