@@ -219,7 +219,8 @@ def settled_fraction(momentum: float, steps: int = 2500, units: int = 64, batch:
     weights = [p for n, p in torch.nn.Sequential(hidden, out).named_parameters() if n != "0.theta"]
     opt = torch.optim.Adam(weights, lr=1e-2)
     gate_opt = torch.optim.Adam([hidden.theta], lr=3e-3, betas=(momentum, 0.999))
-    dense = xinet.ExpectedParams(wiring)().item()
+    P = xinet.ExpectedParams(wiring)  # built once; theta's changes reach it at every call
+    dense = P().item()
     X = torch.randn(4096, 4)
     Y = torch.tanh(X[:, :1]) + 0.5 * torch.tanh(X[:, 1:2] - X[:, 2:3])
     for _ in range(steps):
@@ -230,7 +231,7 @@ def settled_fraction(momentum: float, steps: int = 2500, units: int = 64, batch:
         opt.zero_grad()
         losses.mean().backward(inputs=weights + [hidden.theta])
         grad = xinet.flip_estimate([[hidden]], losses, per_example)[hidden] / losses.mean().detach()
-        cost = torch.autograd.grad(xinet.ExpectedParams(wiring)() / dense, hidden.theta)[0]
+        cost = torch.autograd.grad(P() / dense, hidden.theta)[0]
         hidden.theta.grad = grad + 0.05 * cost
         before = [hidden.theta.detach().clone()]
         opt.step()
