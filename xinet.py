@@ -71,7 +71,7 @@ class Config:
     estimator: str = "flip"
     """gradient estimator of dE[loss]/dtheta: flip (unbiased) or pathwise (cheaper, biased)"""
     prune_strength: float = -1.0
-    """gamma of Eq. 3, the price of a full agent's parameters in loss units (<0: 30 for flip, 1 for pathwise)"""
+    """gamma of Eq. 3, the price of a full agent's parameters in loss units (<0: 10 for flip, 1 for pathwise)"""
     prune_start: int = 30_000
     """environment step at which gate training and pruning begin (never before pre-training ends): by
     default 20k updates after the random steps, so that the agent has learned what its units are for"""
@@ -114,7 +114,7 @@ class Config:
 
 
 CHOICES = {"estimator": ("flip", "pathwise"), "device": ("auto", "cpu", "cuda")}
-DEFAULT_STRENGTH = {"flip": 30.0, "pathwise": 1.0}
+DEFAULT_STRENGTH = {"flip": 10.0, "pathwise": 1.0}
 NETWORKS = ("ofenet", "actor", "critic")
 RESUMABLE = ("total_steps", "threads", "device", "cuda_graphs", "log_every", "keep_resume", "capture_video",
              "video_every", "tensorboard")  # may change on --resume
