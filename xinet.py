@@ -12,7 +12,8 @@ shrinks (Guenter & Sideris, arXiv 2507.11975). Only the paper's abstract is publ
 formulation here is this project's own, and the README's method notes say where it chooses.
 
 Read top to bottom: config, data, building blocks, networks, the objective, pruning, the agent,
-the update, the loop, main. Equations are numbered (Eq. 1-9) as in the README's table.
+the update, checkpoints, environments, what a run shows, the loop, main. Equations are numbered
+(Eq. 1-9) as in the README's table.
 
     python xinet.py --env Hopper-v4
 """
@@ -999,7 +1000,7 @@ def load_resume(path: str, env: gym.Env, device: torch.device) -> tuple[Agent, R
 
 
 # ----------------------------------------------------------------------------------------------
-# The loop
+# Environments and evaluation
 # ----------------------------------------------------------------------------------------------
 
 def make_env(env_id: str, **kw) -> gym.Env:
