@@ -13,7 +13,9 @@ environment step, one action, one replay insert and one full update, for
     XiNet 50%    XiNet pruned at random to 50% of its parameters, gates still training
     XiNet 10%    the same at 10%
 
-and prints, for each: the training steps/s; the matrix-multiply FLOPs of one update, counted
+timed in turns (`--rounds`, each configuration's steps in six rounds by default, the median
+kept), so that a machine whose speed drifts slows every row alike, and prints, for each: the
+training steps/s; the matrix-multiply FLOPs of one update, counted
 from the layer shapes (forward, backward and the estimator's extra passes, see update_flops);
 the achieved GFLOP/s of the update alone; and that as a fraction of this machine's float32
 matrix-multiply rate, measured in the same run on a large square product.
@@ -188,57 +190,77 @@ def prune_at_random(agent: xinet.Agent, fraction: float, seed: int = 0) -> None:
     agent.prune()
 
 
-def bench_one(name: str, cfg: xinet.Config, device: torch.device, steps: int, warmup: int,
-              prune_to: float = 1.0) -> dict:
-    cfg = xinet.validate(cfg)
-    torch.manual_seed(cfg.seed)
-    env = xinet.make_env(cfg.env)
-    agent = xinet.build_agent(cfg, env, device)
-    if prune_to < 1:
-        prune_at_random(agent, prune_to)
-    buffer = xinet.ReplayBuffer(agent.obs_dim, agent.act_dim, 100_000, device)
-    obs, _ = env.reset(seed=cfg.seed)
-    for _ in range(2_000):  # random-action data to sample from
-        obs, _, done = xinet.env_step(env, buffer, obs, env.action_space.sample())
-        if done:
-            obs, _ = env.reset()
-    gates_on = cfg.gates and bool(agent.gated)
-    graphs = device.type == "cuda" and cfg.cuda_graphs
-    learner, explore = xinet.Learner(agent, buffer, BATCH, graphs), xinet.Explorer(agent, graphs)
-    k = cfg.gate_every if gates_on else 1  # per-update counts: the mean over one gate cycle
+class Bench:
+    """One configuration, set up to be timed: its agent (pruned at random to `prune_to` of its
+    parameters), an environment and a buffer of random-action data to sample from. `time(n,
+    with_env)` runs n training steps (with_env: environment step, action, insert and update; else
+    the update alone) with a gate step every gate_every steps, as in training."""
 
-    def cycle(f):
-        on = f(gates_on)
-        agent.mark_sure_gates()
-        return (on + (k - 1) * f(False)) / k
-    flops = cycle(lambda g: update_flops(agent, BATCH, g))
+    def __init__(self, name: str, cfg: xinet.Config, device: torch.device, prune_to: float = 1.0):
+        self.name, self.cfg, self.device = name, xinet.validate(cfg), device
+        torch.manual_seed(cfg.seed)
+        self.env = xinet.make_env(cfg.env)
+        self.agent = agent = xinet.build_agent(cfg, self.env, device)
+        if prune_to < 1:
+            prune_at_random(agent, prune_to)
+        self.buffer = xinet.ReplayBuffer(agent.obs_dim, agent.act_dim, 100_000, device)
+        self.obs, _ = self.env.reset(seed=cfg.seed)
+        for _ in range(2_000):  # random-action data to sample from
+            self.obs, _, done = xinet.env_step(self.env, self.buffer, self.obs, self.env.action_space.sample())
+            if done:
+                self.obs, _ = self.env.reset()
+        self.gates_on = cfg.gates and bool(agent.gated)
+        graphs = device.type == "cuda" and cfg.cuda_graphs
+        self.learner, self.explore = xinet.Learner(agent, self.buffer, BATCH, graphs), xinet.Explorer(agent, graphs)
+        self.step, self.times = 0, {True: [], False: []}
 
-    step = 0
-
-    def run(n: int, with_env: bool) -> float:
-        nonlocal obs, step
-        sync(device)
+    def time(self, n: int, with_env: bool) -> float:
+        sync(self.device)
         t0 = time.perf_counter()
         for _ in range(n):
             if with_env:
-                obs, _, done = xinet.env_step(env, buffer, obs, explore(obs))
+                self.obs, _, done = xinet.env_step(self.env, self.buffer, self.obs, self.explore(self.obs))
                 if done:
-                    obs, _ = env.reset()
-            step = (step + 1) % cfg.gate_every  # a gate step every gate_every steps, as in training
-            learner(gates_on and step == 0, 0.0)  # gamma 0: gates train, nothing pushed to 0 while timing
-        sync(device)
+                    self.obs, _ = self.env.reset()
+            self.step = (self.step + 1) % self.cfg.gate_every  # a gate step every gate_every steps
+            self.learner(self.gates_on and self.step == 0, 0.0)  # gamma 0: nothing pushed to 0 while timing
+        sync(self.device)
         return (time.perf_counter() - t0) / n
 
-    run(warmup, True)
-    step_time = run(steps, True)
-    update_time = run(steps, False)
-    kernels = cycle(lambda g: kernels_per_update(agent, buffer.sample(BATCH), g, device))
-    # on a GPU the products replayed one launch at a time would time the launches, not the products
-    floor = cycle(lambda g: matmul_floor(agent, buffer.sample(BATCH), g, device)) if device.type == "cpu" else float("nan")
-    env.close()
-    return {"config": name, "params": agent.sizes()["params"], "steps_per_s": 1 / step_time,
-            "update_ms": 1e3 * update_time, "mflop": flops / 1e6, "gflops": flops / update_time / 1e9,
-            "kernels": kernels, "matmul_ms": 1e3 * floor}
+    def row(self) -> dict:
+        """The median over the timed rounds, and the counts of one update (the mean over a gate cycle)."""
+        agent, k = self.agent, self.cfg.gate_every if self.gates_on else 1
+
+        def cycle(f):
+            on = f(self.gates_on)
+            agent.mark_sure_gates()
+            return (on + (k - 1) * f(False)) / k
+        flops = cycle(lambda g: update_flops(agent, BATCH, g))
+        kernels = cycle(lambda g: kernels_per_update(agent, self.buffer.sample(BATCH), g, self.device))
+        # on a GPU the products replayed one launch at a time would time the launches, not the products
+        floor = (cycle(lambda g: matmul_floor(agent, self.buffer.sample(BATCH), g, self.device))
+                 if self.device.type == "cpu" else float("nan"))
+        step_time, update_time = (float(np.median(self.times[e])) for e in (True, False))
+        self.env.close()
+        return {"config": self.name, "params": agent.sizes()["params"], "steps_per_s": 1 / step_time,
+                "update_ms": 1e3 * update_time, "mflop": flops / 1e6, "gflops": flops / update_time / 1e9,
+                "kernels": kernels, "matmul_ms": 1e3 * floor}
+
+
+def bench_all(benches: list[Bench], steps: int, rounds: int) -> list[dict]:
+    """Times every configuration in turns: `rounds` rounds, each of steps/rounds training steps and
+    as many updates alone per configuration, so that a machine that drifts (shared, throttled)
+    slows every configuration alike; each row is the median of its rounds."""
+    n = max(steps // rounds, 4)
+    for b in benches:
+        b.time(max(20, n // 2), True)  # warm-up
+    for r in range(rounds):
+        for b in benches:
+            for with_env in (True, False):
+                b.times[with_env].append(b.time(n, with_env))
+        print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{b.name} {1 / b.times[True][-1]:.1f}" for b in benches)
+              + " steps/s", flush=True)
+    return [b.row() for b in benches]
 
 
 def deploy_table(ckpt: str) -> None:
@@ -318,6 +340,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--steps", type=int, default=0, help="timed steps per configuration (0: 300 on a CPU, 2000 on a GPU)")
+    parser.add_argument("--rounds", type=int, default=6, help="turns in which the configurations are timed")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--estimator", default=xinet.Config.estimator, choices=xinet.CHOICES["estimator"])
     parser.add_argument("--no-cuda-graphs", action="store_true", help="run the GPU update eagerly")
@@ -345,17 +368,12 @@ def main(argv=None) -> int:
     rate = matmul_rate(device)
     threads = torch.get_num_threads()
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {threads} thread{'s' * (threads > 1)}"
-    print(f"{where}: float32 matmul {rate:.0f} GFLOP/s; Hopper-v4, batch {BATCH}, {steps} timed steps each")
-    rows = []
+    print(f"{where}: float32 matmul {rate:.0f} GFLOP/s; Hopper-v4, batch {BATCH}, {steps} timed steps and as many updates each, in {args.rounds} turns")
     only = set(filter(None, args.only.split(",")))
-    for name, kw, fraction in CONFIGS:
-        if only and name not in only:
-            continue
-        cfg = xinet.Config(env="Hopper-v4", device=args.device, estimator=args.estimator,
-                           cuda_graphs=not args.no_cuda_graphs, **kw)
-        row = bench_one(name, cfg, device, steps, warmup=max(20, steps // 10), prune_to=fraction)
-        rows.append(row)
-        print(f"  {name:<11} done: {row['steps_per_s']:7.1f} steps/s", flush=True)
+    benches = [Bench(name, xinet.Config(env="Hopper-v4", device=args.device, estimator=args.estimator,
+                                        cuda_graphs=not args.no_cuda_graphs, **kw), device, fraction)
+               for name, kw, fraction in CONFIGS if not only or name in only]
+    rows = bench_all(benches, steps, args.rounds)
     dense = next((r for r in rows if r["config"] == "XiNet 100%"), None)
     print(f"\n| config | params | train steps/s | vs XiNet 100% | update ms | its matmuls alone, ms | "
           f"MFLOP/update | GFLOP/s | of matmul rate | kernels/update |")
