@@ -348,6 +348,8 @@ def main(argv=None) -> int:
     parser.add_argument("--deploy", metavar="CKPT", default="", help="time the deployed policy of a saved agent instead")
     parser.add_argument("--twin-critics", action="store_true", help="time the twin critics as two MLPs and as one batched MLP instead")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}.")
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench.py: error: --device cuda was asked for but no CUDA device is available.", file=sys.stderr)
         return 2
