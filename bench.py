@@ -3,6 +3,7 @@
     python bench.py                   # this machine's CPU, all the threads torch uses
     python bench.py --device cuda     # one GPU
     python bench.py --deploy runs/X/agent.pt --threads 1   # the deployed policy's time per action
+    python bench.py --compile --threads 1                   # XiNet 10%'s update under torch.compile
 
 On Hopper-v4 (obs 11, action 3) with batch 256 it times the training loop's step, i.e. one
 environment step, one action, one replay insert and one full update, for
@@ -327,6 +328,37 @@ def twin_critics_table(reps: int = 5) -> None:
         print(f"| {name}: {d_in}, {widths[0]} and {widths[1]} | {t[0]:.2f} | {t[1]:.2f} | {t[0] / t[1]:.2f}x |")
 
 
+def compile_table(rounds: int = 4, cycles: int = 10) -> None:
+    """The lever of torch.compile: XiNet 10%'s update eager against `torch.compile(update,
+    dynamic=True)`, timed in turns, in three stages of one process: the updates between gate
+    steps; the same after a pruning event (at random, to 5%), whose new shapes recompile; and
+    a gate step every gate_every updates, as in training. Prints each stage's first compiled
+    cycle (its compilation), the medians, and the graphs compiled so far."""
+    import torch._dynamo.utils
+    b = Bench("XiNet 10%", xinet.Config(env="Hopper-v4"), torch.device("cpu"), 0.1)
+    compiled, k = torch.compile(xinet.update, dynamic=True), b.cfg.gate_every
+
+    def cycle(update, gates: bool) -> float:  # seconds per update over k updates
+        t0 = time.perf_counter()
+        for i in range(k):
+            update(b.agent, b.buffer.sample(BATCH), gates and i == 0, 0.0)
+        b.agent.mark_sure_gates()
+        return (time.perf_counter() - t0) / k
+    print(f"CPU, {torch.get_num_threads()} thread(s); batch {BATCH}\n\n| stage | params | first compiled cycle, s "
+          "| eager, ms/update | compiled, ms/update | speed-up | graphs compiled |\n|---|---|---|---|---|---|---|")
+    for stage, fraction, gates in (("10%, between gate steps", 1.0, False), ("pruned to 5%, between gate steps", 0.05, False),
+                                   (f"5%, a gate step in {k} (as in training)", 1.0, True)):
+        if fraction < 1:
+            prune_at_random(b.agent, fraction)
+        first = cycle(compiled, gates) * k
+        times = {xinet.update: [], compiled: []}
+        for _ in range(rounds):
+            for update in times:
+                times[update].append(sum(cycle(update, gates) for _ in range(cycles)) / cycles)
+        eager, fast = (1e3 * float(np.median(t)) for t in times.values())
+        print(f"| {stage} | {b.agent.sizes()['params']:,} | {first:.0f} | {eager:.2f} | {fast:.2f} | {eager / fast:.2f}x "
+              f"| {torch._dynamo.utils.counters['stats']['unique_graphs']} |", flush=True)
+
 CONFIGS = [
     ("SAC", dict(ofenet=False, gates=False), 1.0),
     ("OFE-SAC", dict(gates=False), 1.0),
@@ -347,6 +379,7 @@ def main(argv=None) -> int:
     parser.add_argument("--only", default="", help="comma-separated subset of the configurations")
     parser.add_argument("--deploy", metavar="CKPT", default="", help="time the deployed policy of a saved agent instead")
     parser.add_argument("--twin-critics", action="store_true", help="time the twin critics as two MLPs and as one batched MLP instead")
+    parser.add_argument("--compile", action="store_true", help="time XiNet 10%%'s update eager and under torch.compile instead")
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, got {args.rounds}.")
@@ -355,8 +388,8 @@ def main(argv=None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.twin_critics:
-        twin_critics_table()
+    if args.twin_critics or args.compile:
+        twin_critics_table() if args.twin_critics else compile_table()
         return 0
     if args.deploy:
         try:
