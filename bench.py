@@ -359,6 +359,7 @@ def compile_table(rounds: int = 4, cycles: int = 10) -> None:
         print(f"| {stage} | {b.agent.sizes()['params']:,} | {first:.0f} | {eager:.2f} | {fast:.2f} | {eager / fast:.2f}x "
               f"| {torch._dynamo.utils.counters['stats']['unique_graphs']} |", flush=True)
 
+
 CONFIGS = [
     ("SAC", dict(ofenet=False, gates=False), 1.0),
     ("OFE-SAC", dict(gates=False), 1.0),
@@ -389,7 +390,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.twin_critics or args.compile:
-        twin_critics_table() if args.twin_critics else compile_table()
+        (twin_critics_table if args.twin_critics else compile_table)()
         return 0
     if args.deploy:
         try:
