@@ -730,9 +730,8 @@ class Agent(nn.Module):
         next gate step they skip drawing it. One host sync, after a gate step, outside `update`."""
         layers = self.gated + gated_layers(self.critic_target)
         if layers:
-            inside = torch.stack([(layer.theta < 1).any() for layer in layers]).tolist()
-            for layer, below_one in zip(layers, inside):
-                layer.sure = not below_one
+            for layer, sure in zip(layers, torch.stack([(layer.theta == 1).all() for layer in layers]).tolist()):
+                layer.sure = sure
 
 
 # ----------------------------------------------------------------------------------------------
