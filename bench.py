@@ -4,6 +4,7 @@
     python bench.py --device cuda     # one GPU
     python bench.py --deploy runs/X/agent.pt --threads 1   # the deployed policy's time per action
     python bench.py --compile --threads 1                   # XiNet 10%'s update under torch.compile
+    git show HEAD~1:xinet.py > /tmp/old.py && python bench.py --against /tmp/old.py --threads 1   # a change's speed
 
 On Hopper-v4 (obs 11, action 3) with batch 256 it times the training loop's step, i.e. one
 environment step, one action, one replay insert and one full update, for
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import sys
 import time
 import timeit
@@ -197,22 +199,22 @@ class Bench:
     with_env)` runs n training steps (with_env: environment step, action, insert and update; else
     the update alone) with a gate step every gate_every steps, as in training."""
 
-    def __init__(self, name: str, cfg: xinet.Config, device: torch.device, prune_to: float = 1.0):
-        self.name, self.cfg, self.device = name, xinet.validate(cfg), device
+    def __init__(self, name: str, cfg: xinet.Config, device: torch.device, prune_to: float = 1.0, x=xinet):
+        self.name, self.cfg, self.device, self.x = name, x.validate(cfg), device, x  # x: the xinet module timed
         torch.manual_seed(cfg.seed)
-        self.env = xinet.make_env(cfg.env)
-        self.agent = agent = xinet.build_agent(cfg, self.env, device)
+        self.env = x.make_env(cfg.env)
+        self.agent = agent = x.build_agent(cfg, self.env, device)
         if prune_to < 1:
             prune_at_random(agent, prune_to)
-        self.buffer = xinet.ReplayBuffer(agent.obs_dim, agent.act_dim, 100_000, device)
+        self.buffer = x.ReplayBuffer(agent.obs_dim, agent.act_dim, 100_000, device)
         self.obs, _ = self.env.reset(seed=cfg.seed)
         for _ in range(2_000):  # random-action data to sample from
-            self.obs, _, done = xinet.env_step(self.env, self.buffer, self.obs, self.env.action_space.sample())
+            self.obs, _, done = x.env_step(self.env, self.buffer, self.obs, self.env.action_space.sample())
             if done:
                 self.obs, _ = self.env.reset()
         self.gates_on = cfg.gates and bool(agent.gated)
         graphs = device.type == "cuda" and cfg.cuda_graphs
-        self.learner, self.explore = xinet.Learner(agent, self.buffer, BATCH, graphs), xinet.Explorer(agent, graphs)
+        self.learner, self.explore = x.Learner(agent, self.buffer, BATCH, graphs), x.Explorer(agent, graphs)
         self.step, self.times = 0, {True: [], False: []}
 
     def time(self, n: int, with_env: bool) -> float:
@@ -220,7 +222,7 @@ class Bench:
         t0 = time.perf_counter()
         for _ in range(n):
             if with_env:
-                self.obs, _, done = xinet.env_step(self.env, self.buffer, self.obs, self.explore(self.obs))
+                self.obs, _, done = self.x.env_step(self.env, self.buffer, self.obs, self.explore(self.obs))
                 if done:
                     self.obs, _ = self.env.reset()
             self.step = (self.step + 1) % self.cfg.gate_every  # a gate step every gate_every steps
@@ -248,10 +250,10 @@ class Bench:
                 "kernels": kernels, "matmul_ms": 1e3 * floor}
 
 
-def bench_all(benches: list[Bench], steps: int, rounds: int) -> list[dict]:
+def time_in_turns(benches: list[Bench], steps: int, rounds: int) -> None:
     """Times every configuration in turns: `rounds` rounds, each of steps/rounds training steps and
     as many updates alone per configuration, so that a machine that drifts (shared, throttled)
-    slows every configuration alike; each row is the median of its rounds."""
+    slows every configuration alike; a row is then the median of its rounds."""
     n = max(steps // rounds, 4)
     for b in benches:
         b.time(max(20, n // 2), True)  # warm-up
@@ -261,7 +263,21 @@ def bench_all(benches: list[Bench], steps: int, rounds: int) -> list[dict]:
                 b.times[with_env].append(b.time(n, with_env))
         print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{b.name} {1 / b.times[True][-1]:.1f}" for b in benches)
               + " steps/s", flush=True)
-    return [b.row() for b in benches]
+
+
+def against_table(old_path: str, configs: list, steps: int, rounds: int) -> None:
+    """A change's speed: each configuration's update with this xinet.py and with another version
+    of it (`old_path`), timed in turns in one process; new/old below 1 is faster."""
+    spec = importlib.util.spec_from_file_location("xinet_old", old_path)
+    old = sys.modules["xinet_old"] = importlib.util.module_from_spec(spec)  # dataclasses look it up
+    spec.loader.exec_module(old)
+    benches = [Bench(f"{name} {v}", x.Config(env="Hopper-v4", **kw), torch.device("cpu"), fraction, x)
+               for name, kw, fraction in configs for v, x in (("old", old), ("new", xinet))]
+    time_in_turns(benches, steps, rounds)
+    ms = [1e3 * float(np.median(b.times[False])) for b in benches]
+    print(f"\nCPU, {torch.get_num_threads()} thread(s)\n\n| config | old update ms | new update ms | new/old |\n|---|---|---|---|")
+    for (name, *_), t_old, t_new in zip(configs, ms[::2], ms[1::2]):
+        print(f"| {name} | {t_old:.2f} | {t_new:.2f} | {t_new / t_old:.3f} |")
 
 
 def deploy_table(ckpt: str) -> None:
@@ -381,6 +397,7 @@ def main(argv=None) -> int:
     parser.add_argument("--deploy", metavar="CKPT", default="", help="time the deployed policy of a saved agent instead")
     parser.add_argument("--twin-critics", action="store_true", help="time the twin critics as two MLPs and as one batched MLP instead")
     parser.add_argument("--compile", action="store_true", help="time XiNet 10%%'s update eager and under torch.compile instead")
+    parser.add_argument("--against", metavar="OLD_XINET_PY", default="", help="time each update against this other xinet.py's instead")
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, got {args.rounds}.")
@@ -391,6 +408,11 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     if args.twin_critics or args.compile:
         (twin_critics_table if args.twin_critics else compile_table)()
+        return 0
+    only = set(filter(None, args.only.split(",")))
+    configs = [c for c in CONFIGS if not only or c[0] in only]
+    if args.against:
+        against_table(args.against, configs, args.steps or 300, args.rounds)
         return 0
     if args.deploy:
         try:
@@ -405,11 +427,11 @@ def main(argv=None) -> int:
     threads = torch.get_num_threads()
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {threads} thread{'s' * (threads > 1)}"
     print(f"{where}: float32 matmul {rate:.0f} GFLOP/s; Hopper-v4, batch {BATCH}, {steps} timed steps and as many updates each, in {args.rounds} turns")
-    only = set(filter(None, args.only.split(",")))
     benches = [Bench(name, xinet.Config(env="Hopper-v4", device=args.device, estimator=args.estimator,
                                         cuda_graphs=not args.no_cuda_graphs, **kw), device, fraction)
-               for name, kw, fraction in CONFIGS if not only or name in only]
-    rows = bench_all(benches, steps, args.rounds)
+               for name, kw, fraction in configs]
+    time_in_turns(benches, steps, args.rounds)
+    rows = [b.row() for b in benches]
     dense = next((r for r in rows if r["config"] == "XiNet 100%"), None)
     print(f"\n| config | params | train steps/s | vs XiNet 100% | update ms | its matmuls alone, ms | "
           f"MFLOP/update | GFLOP/s | of matmul rate | kernels/update |")

@@ -942,6 +942,9 @@ def test_bench_runs_and_prints_its_table(capsys):
     assert bench.main(["--steps", "3", "--only", "SAC,XiNet 10%"]) == 0
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert len(table) == 3 and table[1].startswith("| SAC | 210,184 |") and table[2].startswith("| XiNet 10% |")
+    assert bench.main(["--against", os.path.join(HERE, "xinet.py"), "--steps", "4", "--rounds", "1", "--only", "XiNet 10%"]) == 0
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| XiNet 10% |")]
+    assert len(row) == 1 and float(row[0].split("|")[4]) > 0  # this file against itself: new/old
 
 
 def test_prune_takes_target_critics_along_with_online_gates():

@@ -242,19 +242,18 @@ class GatedLinear(nn.Module):
     def out_features(self) -> int:
         return self.linear.out_features
 
-    def _normalize(self, z: torch.Tensor) -> torch.Tensor:
-        if self.flip is not None:  # replay pass: the main pass's batch statistics, no update
-            mean, var = self._batch_stats
-            return F.batch_norm(z, mean, var, self.bn.weight, self.bn.bias, False, 0.0, self.bn.eps)
-        if self.training and self.theta is not None and self.theta.requires_grad and self.estimator == "flip":
+    def _normalize(self, z: torch.Tensor) -> torch.Tensor:  # self.bn(z), without a module call's overhead
+        bn, replay = self.bn, self.flip is not None  # a replay pass: the main pass's batch statistics, no update
+        if self.training and not replay and self.theta is not None and self.theta.requires_grad and self.estimator == "flip":
             self._batch_stats = (z.mean(0).detach(), z.var(0, unbiased=False).detach())
-        return self.bn(z)
+        mean, var = self._batch_stats if replay else (bn.running_mean, bn.running_var)
+        return F.batch_norm(z, mean, var, bn.weight, bn.bias, self.training and not replay, bn.momentum, bn.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, in) -> (B, out)
         if self.out_features == 0:  # a layer pruned away entirely (possible in a DenseNet)
             self.xi = x.new_zeros(x.shape[0], 0, dtype=torch.bool)
             return x.new_zeros(x.shape[0], 0)
-        h = self.linear(x)
+        h = F.linear(x, self.linear.weight, self.linear.bias)  # self.linear(x), a module call cheaper
         if self.bn is not None:
             h = self._normalize(h)
         if self.activation is not None:
