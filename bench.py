@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import os
 import sys
 import time
 import timeit
@@ -412,6 +413,9 @@ def main(argv=None) -> int:
     only = set(filter(None, args.only.split(",")))
     configs = [c for c in CONFIGS if not only or c[0] in only]
     if args.against:
+        if not os.path.isfile(args.against):
+            print(f"bench.py: error: {args.against} is not a file (an older xinet.py to time against).", file=sys.stderr)
+            return 2
         against_table(args.against, configs, args.steps or 300, args.rounds)
         return 0
     if args.deploy:

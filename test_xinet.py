@@ -945,6 +945,7 @@ def test_bench_runs_and_prints_its_table(capsys):
     assert bench.main(["--against", os.path.join(HERE, "xinet.py"), "--steps", "4", "--rounds", "1", "--only", "XiNet 10%"]) == 0
     row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| XiNet 10% |")]
     assert len(row) == 1 and float(row[0].split("|")[4]) > 0  # this file against itself: new/old
+    assert bench.main(["--against", os.path.join(HERE, "no_such_xinet.py")]) == 2
 
 
 def test_prune_takes_target_critics_along_with_online_gates():
