@@ -145,7 +145,7 @@ def user_path(path: str, verb: str = "write"):
 
 POSITIVE = ("total_steps", "batch_size", "buffer_size", "eval_every", "eval_episodes", "prune_every", "gate_every",
             "hidden", "log_every", "lr", "critic_lr", "gate_lr")
-NOT_NEGATIVE = ("learning_starts", "pretrain_steps", "prune_start", "prune_ramp", "ofe_layers", "ofe_units", "threads",
+NOT_NEGATIVE = ("seed", "learning_starts", "pretrain_steps", "prune_start", "prune_ramp", "ofe_layers", "ofe_units", "threads",
                 "video_every")
 
 
@@ -159,6 +159,8 @@ def validate(cfg: Config) -> Config:
             raise UserError(f"{name} must {'be positive' if f.name in POSITIVE else 'not be negative'}, got {value}.")
     if not (0 < cfg.discount <= 1 and 0 < cfg.tau <= 1 and 0 <= cfg.loss_ema < 1 and 0 <= cfg.gate_momentum < 1):
         raise UserError("--discount and --tau must lie in (0, 1], --loss-ema and --gate-momentum in [0, 1).")
+    if cfg.seed >= 2**32:
+        raise UserError(f"--seed must be below 2**32 (numpy's seeds), got {cfg.seed}.")
     unknown = set(filter(None, cfg.gate.split(","))) - set(NETWORKS)
     if unknown:
         raise UserError(f"--gate takes a comma-separated subset of {', '.join(NETWORKS)}, not {', '.join(sorted(unknown))}.")
@@ -1511,16 +1513,18 @@ def resume_config(run_dir: str, cli: Config, given: set[str]) -> Config:
     return cfg
 
 
-def evaluate_checkpoint(cfg: Config, path: str) -> None:
+def evaluate_checkpoint(cfg: Config, path: str, env_id: str = "") -> None:
+    """--eval: the saved agent on its own environment, or on `env_id` (--env, e.g. a v4 agent on v5)."""
     device = pick_device(cfg.device)
     agent = load_agent(path, device)
-    video_env = make_video_env(agent.cfg.env) if cfg.capture_video else None  # before MuJoCo's first import
-    env = make_env(agent.cfg.env)
-    if env.observation_space.shape[0] != agent.obs_dim:
-        raise UserError(f"{path} does not fit {agent.cfg.env}'s observations.")
+    env_id = env_id or agent.cfg.env
+    video_env = make_video_env(env_id) if cfg.capture_video else None  # before MuJoCo's first import
+    env = make_env(env_id)
+    if env.observation_space.shape[0] != agent.obs_dim or env.action_space.shape[0] != agent.act_dim:
+        raise UserError(f"{path} does not fit {env_id}'s observations and actions.")
     returns = evaluate(agent, env, cfg.eval_episodes, seed=cfg.seed + 10_000)
     sizes = agent.sizes()
-    print(f"{agent.cfg.env}: return {returns.mean():.1f} +- {returns.std():.1f} over {len(returns)} episodes; "
+    print(f"{env_id}: return {returns.mean():.1f} +- {returns.std():.1f} over {len(returns)} episodes; "
           f"{sizes['params']:,} parameters, {sizes['flops_per_action']:,} FLOPs per action, "
           f"units { {k[6:]: v for k, v in sizes.items() if k.startswith('alive_')} }")
     if cfg.capture_video:
@@ -1534,7 +1538,7 @@ def main(argv=None) -> int:
     try:
         if other.eval:
             validate(cfg)
-            evaluate_checkpoint(cfg, other.eval)
+            evaluate_checkpoint(cfg, other.eval, cfg.env if "env" in given else "")
         elif other.plot:
             print(plot_progress(other.plot, cfg.out or "progress.png"))
         else:
