@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 
 import numpy as np
 import torch
@@ -164,7 +165,10 @@ def main(argv=None) -> None:
             print(f"| {m} | {r['alive']} | {r['at_one']} | {r['inside']} | {r['aux_mse']:.5f} |", flush=True)
         return
     for path in a.resume:
-        r = unit_prices(path)
+        try:
+            r = unit_prices(path)
+        except xinet.UserError as e:
+            sys.exit(f"gates.py: error: {e}")
         print(f"{path}: step {r.pop('step'):,}, last evaluation {r.pop('last_eval'):.0f}\n"
               "| network | mean abs loss | abs mean loss | std loss | break-even gamma: 10% | 25% | 50% | 75% | 90% "
               "| flip variance, plain / control variate | (value - price) / SE, median: theta at 1 | inside (0, 1) |"

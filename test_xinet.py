@@ -664,6 +664,8 @@ def test_gates_price_table(e2e_runs, capsys):
         assert [float(q) for q in quantiles] == sorted(float(q) for q in quantiles), name
         assert 0 < float(variance_ratio) < math.inf, name
         assert math.isfinite(float(gap_one)) or math.isfinite(float(gap_inside)), name  # a gated run
+    with pytest.raises(SystemExit, match="gates.py: error: checkpoint no/such.pt does not exist"):
+        gates.main(["price", "no/such.pt"])
 
 
 def test_exported_policy_runs_in_a_process_with_only_torch(e2e_runs, tmp_path):
