@@ -587,6 +587,7 @@ def test_arch_from_builds_small_dense_agent(e2e_runs, tmp_path):
     (["--seed", "-5"], "--seed"),
     (["--seed", str(2**32)], "--seed"),
     (["--gate", "ofenet,brain"], "--gate"),
+    (["--no-ofenet", "--gate", "ofenet"], "--gate names none"),
     (["--eval", "xinet.py"], "not a readable"),
     (["--eval", "no/such/agent.pt"], "does not exist"),
     (["--out", "/proc/x/run"], "/proc/x/run"),

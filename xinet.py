@@ -164,6 +164,9 @@ def validate(cfg: Config) -> Config:
     unknown = set(filter(None, cfg.gate.split(","))) - set(NETWORKS)
     if unknown:
         raise UserError(f"--gate takes a comma-separated subset of {', '.join(NETWORKS)}, not {', '.join(sorted(unknown))}.")
+    have = [n for n in NETWORKS if cfg.ofenet or n != "ofenet"]
+    if cfg.gates and not set(cfg.gate.split(",")) & set(have):
+        raise UserError(f"--gate names none of this agent's networks ({', '.join(have)}); --no-gates trains it dense.")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA device is available.")
     if cfg.prune_strength < 0:
