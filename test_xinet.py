@@ -603,6 +603,12 @@ def test_user_errors_are_one_clear_sentence(args, words):
     assert len(lines) == 1 and words in lines[0], res.stderr
 
 
+def test_new_run_into_a_run_directory_is_refused(e2e_runs):
+    files = {f: open(os.path.join(e2e_runs[1], f), "rb").read() for f in ("agent.pt", "config.json", "progress.csv")}
+    assert refused(run_cli(*E2E, "--out", e2e_runs[1]), f"--resume {e2e_runs[1]}")
+    assert all(open(os.path.join(e2e_runs[1], f), "rb").read() == data for f, data in files.items())  # untouched
+
+
 def test_mismatched_checkpoint_is_refused(e2e_runs, tmp_path):
     payload = torch.load(os.path.join(e2e_runs[0], "agent.pt"), weights_only=True)
     payload["widths"]["actor"] = [w + 1 for w in payload["widths"]["actor"]]

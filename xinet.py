@@ -1296,6 +1296,8 @@ def start(cfg: Config, env: gym.Env, device: torch.device, resume: bool) -> tupl
                             "a larger --total-steps extends it.")
         agent.cfg, (obs, _) = cfg, env.reset()
     else:
+        if any(os.path.exists(os.path.join(cfg.out, f)) for f in ("agent.pt", "resume.pt")):  # never written over
+            raise UserError(f"{cfg.out} holds a run already; `--resume {cfg.out}` goes on with it, or choose another --out.")
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
         env.action_space.seed(cfg.seed)
