@@ -266,12 +266,25 @@ def time_in_turns(benches: list[Bench], steps: int, rounds: int) -> None:
               + " steps/s", flush=True)
 
 
-def against_table(old_path: str, configs: list, steps: int, rounds: int) -> None:
+def load_other_xinet(path: str):
+    """Another version of xinet.py as the module `xinet_old`; one sentence if it is not one."""
+    try:
+        spec = importlib.util.spec_from_file_location("xinet_old", path)
+        if spec is None:
+            raise ImportError("not a .py file")
+        old = sys.modules["xinet_old"] = importlib.util.module_from_spec(spec)  # dataclasses look it up
+        spec.loader.exec_module(old)
+        for name in ("Config", "validate", "build_agent", "make_env", "ReplayBuffer", "Learner", "Explorer", "env_step"):
+            getattr(old, name)  # what Bench uses
+    except Exception as e:  # no such file, not Python, not an xinet.py
+        print(f"bench.py: error: {path} is not an xinet.py to time against ({type(e).__name__}: {e}).", file=sys.stderr)
+        sys.exit(2)
+    return old
+
+
+def against_table(old, configs: list, steps: int, rounds: int) -> None:
     """A change's speed: each configuration's update with this xinet.py and with another version
-    of it (`old_path`), timed in turns in one process; new/old below 1 is faster."""
-    spec = importlib.util.spec_from_file_location("xinet_old", old_path)
-    old = sys.modules["xinet_old"] = importlib.util.module_from_spec(spec)  # dataclasses look it up
-    spec.loader.exec_module(old)
+    of it (the module `old`), timed in turns in one process; new/old below 1 is faster."""
     benches = [Bench(f"{name} {v}", x.Config(env="Hopper-v4", **kw), torch.device("cpu"), fraction, x)
                for name, kw, fraction in configs for v, x in (("old", old), ("new", xinet))]
     time_in_turns(benches, steps, rounds)
@@ -413,10 +426,7 @@ def main(argv=None) -> int:
     only = set(filter(None, args.only.split(",")))
     configs = [c for c in CONFIGS if not only or c[0] in only]
     if args.against:
-        if not os.path.isfile(args.against):
-            print(f"bench.py: error: {args.against} is not a file (an older xinet.py to time against).", file=sys.stderr)
-            return 2
-        against_table(args.against, configs, args.steps or 300, args.rounds)
+        against_table(load_other_xinet(args.against), configs, args.steps or 300, args.rounds)
         return 0
     if args.deploy:
         try:

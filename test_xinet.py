@@ -957,7 +957,10 @@ def test_bench_runs_and_prints_its_table(capsys):
     assert bench.main(["--against", os.path.join(HERE, "xinet.py"), "--steps", "4", "--rounds", "1", "--only", "XiNet 10%"]) == 0
     row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| XiNet 10% |")]
     assert len(row) == 1 and float(row[0].split("|")[4]) > 0  # this file against itself: new/old
-    assert bench.main(["--against", os.path.join(HERE, "no_such_xinet.py")]) == 2
+    for other in ("no_such_xinet.py", "README.md", "deploy.py"):  # missing, not Python, not an xinet.py
+        with pytest.raises(SystemExit) as stop:
+            bench.main(["--against", os.path.join(HERE, other)])
+        assert stop.value.code == 2 and f"{other} is not an xinet.py" in capsys.readouterr().err
 
 
 def test_prune_takes_target_critics_along_with_online_gates():
