@@ -466,4 +466,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except OSError as e:  # e.g. --results or --runs that does not exist or cannot be written
+        sys.exit(f"sweep: error: {e.filename}: {e.strerror}.")

@@ -1090,6 +1090,12 @@ def test_sweep_runs_skips_finished_and_aggregates(tmp_path, monkeypatch, capsys)
     assert int(read_progress(os.path.join(runs, "tiny", "a", "seed1"))[-1]["step"]) == 600
 
 
+def test_sweep_missing_results_folder_is_one_sentence(tmp_path):
+    for action in (["restore", "hopper"], ["claims"]):
+        assert refused(run_cli(*action, "--results", str(tmp_path / "none"), "--runs", str(tmp_path), script="sweep.py"),
+                       "No such file or directory")
+
+
 def test_sweep_claims_statistics():
     import sweep
     assert sweep.iqm([100, 2, 3, 4, -50]) == 3.0  # the middle half of five: 2, 3, 4
