@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
-import os
 import sys
 import time
 import timeit
