@@ -405,6 +405,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=6, help="turns in which the configurations are timed")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--estimator", default=xinet.Config.estimator, choices=xinet.CHOICES["estimator"])
+    parser.add_argument("--gate-every", type=int, default=xinet.Config.gate_every, help="updates between gate steps")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="run the GPU update eagerly")
     parser.add_argument("--only", default="", help="comma-separated subset of the configurations")
     parser.add_argument("--deploy", metavar="CKPT", default="", help="time the deployed policy of a saved agent instead")
@@ -412,8 +413,8 @@ def main(argv=None) -> int:
     parser.add_argument("--compile", action="store_true", help="time XiNet 10%%'s update eager and under torch.compile instead")
     parser.add_argument("--against", metavar="OLD_XINET_PY", default="", help="time each update against this other xinet.py's instead")
     args = parser.parse_args(argv)
-    if args.rounds < 1:
-        parser.error(f"--rounds must be at least 1, got {args.rounds}.")
+    if args.rounds < 1 or args.gate_every < 1:
+        parser.error(f"--rounds and --gate-every must be at least 1, got {args.rounds} and {args.gate_every}.")
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench.py: error: --device cuda was asked for but no CUDA device is available.", file=sys.stderr)
         return 2
@@ -441,7 +442,7 @@ def main(argv=None) -> int:
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {threads} thread{'s' * (threads > 1)}"
     print(f"{where}: float32 matmul {rate:.0f} GFLOP/s; Hopper-v4, batch {BATCH}, {steps} timed steps and as many updates each, in {args.rounds} turns")
     benches = [Bench(name, xinet.Config(env="Hopper-v4", device=args.device, estimator=args.estimator,
-                                        cuda_graphs=not args.no_cuda_graphs, **kw), device, fraction)
+                                        gate_every=args.gate_every, cuda_graphs=not args.no_cuda_graphs, **kw), device, fraction)
                for name, kw, fraction in configs]
     time_in_turns(benches, steps, args.rounds)
     rows = [b.row() for b in benches]

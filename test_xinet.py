@@ -951,12 +951,15 @@ def test_random_pruning_reaches_the_asked_fraction():
 
 def test_bench_runs_and_prints_its_table(capsys):
     import bench
-    assert bench.main(["--steps", "3", "--only", "SAC,XiNet 10%"]) == 0
+    assert bench.main(["--steps", "3", "--gate-every", "2", "--only", "SAC,XiNet 10%"]) == 0
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert len(table) == 3 and table[1].startswith("| SAC | 210,184 |") and table[2].startswith("| XiNet 10% |")
     assert bench.main(["--against", os.path.join(HERE, "xinet.py"), "--steps", "4", "--rounds", "1", "--only", "XiNet 10%"]) == 0
     row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| XiNet 10% |")]
     assert len(row) == 1 and float(row[0].split("|")[4]) > 0  # this file against itself: new/old
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--gate-every", "0"])
+    assert stop.value.code == 2 and "--gate-every must be at least 1" in capsys.readouterr().err
     for other in ("no_such_xinet.py", "README.md", "deploy.py"):  # missing, not Python, not an xinet.py
         with pytest.raises(SystemExit) as stop:
             bench.main(["--against", os.path.join(HERE, other)])
