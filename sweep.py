@@ -70,8 +70,9 @@ GRIDS = {
                        fewer_seeds={"sac_fast": (1, 2, 3, 4, 5)}),
     # The runs of record: the dense OFENet agent on seven seeds (4-5 beside the default's seeds 4-5
     # in hopper_recheck, 6-7 after its 6-7: XiNet - dense pairs on all seven), XiNet with the flip
-    # estimator at six prices γ (the frontier of return against size), three seeds each of the candidates for the default (γ = 3, 10, 30), two each
-    # of γ = 50 and 100 (the screens above the default) and one of γ = 1, and the final
+    # estimator at six prices γ (the frontier of return against size), three seeds each of the
+    # candidates for the default (γ = 3, 10, 30), two each of γ = 50 and 100 (the screens above
+    # the default) and one of γ = 1, and the final
     # architectures of γ = 30 (the default when they ran) and 10, and of γ = 3's seed 2, trained from scratch.
     "hopper": Grid({"dense": "--no-gates", **FRONTIER, **{f"small_g{g}": "--no-gates" for g in (3, 10, 30)}},
                    seeds=(1, 2, 3, 4, 5, 6, 7),
