@@ -701,7 +701,7 @@ def test_killed_run_resumes_to_its_total_steps(tmp_path):
     """SIGKILL after the first checkpoint; a row written after the last checkpoint (a kill
     between the two writes) is dropped; the resumed run ends with every evaluation once."""
     out = str(tmp_path / "run")
-    args = E2E + ["--total-steps", "2400"]  # a later flag overrides an earlier one
+    args = E2E + ["--total-steps", "1600"]  # a later flag overrides an earlier one
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "xinet.py"), *args, "--out", out],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=HERE)
     while not os.path.exists(os.path.join(out, "resume.pt")) and proc.poll() is None:
@@ -709,13 +709,13 @@ def test_killed_run_resumes_to_its_total_steps(tmp_path):
     proc.kill()
     proc.wait()
     step = torch.load(os.path.join(out, "resume.pt"), weights_only=True)["loop"]["step"]
-    assert step < 2400
+    assert step < 1600
     with open(os.path.join(out, "progress.csv"), "a") as f:  # as if killed before the checkpoint
         f.write(f"{step + 400}" + ",0" * (len(read_progress(out)[0]) - 1) + "\n")
     res = run_cli("--resume", out)
     assert res.returncode == 0, res.stderr
     assert f"resumed at step {step:,}" in res.stdout
-    assert [int(r["step"]) for r in read_progress(out)] == list(range(400, 2401, 400))
+    assert [int(r["step"]) for r in read_progress(out)] == list(range(400, 1601, 400))
     res = run_cli("--eval", os.path.join(out, "agent.pt"), "--eval-episodes", "1")
     assert res.returncode == 0, res.stderr
 
@@ -726,11 +726,11 @@ def test_video_tensorboard_and_plot_of_a_short_run(tmp_path):
     import imageio.v3 as iio
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     out = str(tmp_path / "run")
-    res = run_cli(*E2E, "--eval-episodes", "1", "--out", out, "--capture-video", "--tensorboard")
+    res = run_cli(*E2E, "--total-steps", "800", "--eval-episodes", "1", "--out", out, "--capture-video", "--tensorboard")
     assert res.returncode == 0, res.stderr
     rows = read_progress(out)
     assert sorted(os.listdir(os.path.join(out, "videos"))) == sorted(f"step_{r['step']}.mp4" for r in rows)
-    frames = iio.imread(os.path.join(out, "videos", "step_1200.mp4"))
+    frames = iio.imread(os.path.join(out, "videos", "step_800.mp4"))
     env, agent = xinet.make_env("Hopper-v4"), xinet.load_agent(os.path.join(out, "agent.pt"))
     obs, _ = env.reset(seed=3 + 10_000)
     length, done = 0, False
@@ -795,7 +795,8 @@ def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkey
 
 def test_sigterm_saves_the_run_where_it_stands_and_resume_goes_on(tmp_path):
     out = str(tmp_path / "run")
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "xinet.py"), *E2E, "--log-every", "10", "--out", out],
+    args = E2E + ["--total-steps", "800", "--log-every", "10"]
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "xinet.py"), *args, "--out", out],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
     for line in proc.stdout:  # past the first checkpoint (step 400), mid-way to the next
         if line.startswith("step") and int(line.split()[1].replace(",", "")) >= 500:
@@ -804,12 +805,12 @@ def test_sigterm_saves_the_run_where_it_stands_and_resume_goes_on(tmp_path):
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 143, err
     step = torch.load(os.path.join(out, "resume.pt"), weights_only=True)["loop"]["step"]
-    assert 500 <= step < 1200 and f"stopped by SIGTERM at step {step:,}" in err
+    assert 500 <= step < 800 and f"stopped by SIGTERM at step {step:,}" in err
     assert [int(r["step"]) for r in read_progress(out)] == [400]
     res = run_cli("--resume", out)
     assert res.returncode == 0, res.stderr
     assert f"resumed at step {step:,}" in res.stdout
-    assert [int(r["step"]) for r in read_progress(out)] == [400, 800, 1200]
+    assert [int(r["step"]) for r in read_progress(out)] == [400, 800]
 
 
 @pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()])
