@@ -1,5 +1,7 @@
 """Tests of xinet.py: each checks a property the method relies on. Run: python -m pytest -q"""
+import contextlib
 import csv
+import io
 import itertools
 import math
 import json
@@ -509,6 +511,14 @@ def run_cli(*args, cwd=HERE, script="xinet.py"):
                           capture_output=True, text=True, timeout=600, env=env)
 
 
+def run_main(*args):
+    """`python xinet.py ARGS` in this process (no interpreter start-up): main's exit code and output."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = xinet.main(list(args))  # an exception escaping main fails the test, as a traceback would
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
 def refused(res, words: str) -> bool:
     """The command failed with one sentence holding `words`, no traceback."""
     return res.returncode != 0 and "Traceback" not in res.stderr and words in res.stderr
@@ -596,7 +606,7 @@ def test_arch_from_builds_small_dense_agent(e2e_runs, tmp_path):
     (["--resume", "no/such/run"], "no/such/run"),
 ])
 def test_user_errors_are_one_clear_sentence(args, words):
-    res = run_cli(*args)
+    res = run_main(*args)
     assert res.returncode != 0
     assert "Traceback" not in res.stderr
     lines = [l for l in res.stderr.splitlines() if l.startswith("xinet: error:")]
@@ -614,9 +624,9 @@ def test_mismatched_checkpoint_is_refused(e2e_runs, tmp_path):
     payload["widths"]["actor"] = [w + 1 for w in payload["widths"]["actor"]]
     bad = str(tmp_path / "bad.pt")
     torch.save(payload, bad)
-    assert refused(run_cli("--eval", bad), "does not match")
-    assert refused(run_cli("--eval", os.path.join(e2e_runs[0], "agent.pt"), "--env", "Walker2d-v4"), "does not fit")
-    res = run_cli("--env", "Pendulum-v1", "--arch-from", os.path.join(e2e_runs[0], "agent.pt"),
+    assert refused(run_main("--eval", bad), "does not match")
+    assert refused(run_main("--eval", os.path.join(e2e_runs[0], "agent.pt"), "--env", "Walker2d-v4"), "does not fit")
+    res = run_main("--env", "Pendulum-v1", "--arch-from", os.path.join(e2e_runs[0], "agent.pt"),
                   "--total-steps", "10")
     assert refused(res, "other observation")
 
@@ -712,11 +722,11 @@ def test_killed_run_resumes_to_its_total_steps(tmp_path):
     assert step < 1600
     with open(os.path.join(out, "progress.csv"), "a") as f:  # as if killed before the checkpoint
         f.write(f"{step + 400}" + ",0" * (len(read_progress(out)[0]) - 1) + "\n")
-    res = run_cli("--resume", out)
+    res = run_main("--resume", out)
     assert res.returncode == 0, res.stderr
     assert f"resumed at step {step:,}" in res.stdout
     assert [int(r["step"]) for r in read_progress(out)] == list(range(400, 1601, 400))
-    res = run_cli("--eval", os.path.join(out, "agent.pt"), "--eval-episodes", "1")
+    res = run_main("--eval", os.path.join(out, "agent.pt"), "--eval-episodes", "1")
     assert res.returncode == 0, res.stderr
 
 
@@ -747,7 +757,7 @@ def test_video_tensorboard_and_plot_of_a_short_run(tmp_path):
     assert open(os.path.join(out, "progress.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert [int(r["step"]) for r in csv.DictReader(open(os.path.join(out, "pruning.csv")))]
     two = str(tmp_path / "two.png")
-    res = run_cli("--plot", out, out, "--out", two)
+    res = run_main("--plot", out, out, "--out", two)
     assert res.returncode == 0 and os.path.getsize(two) > 10_000, res.stderr
 
 
@@ -807,7 +817,7 @@ def test_sigterm_saves_the_run_where_it_stands_and_resume_goes_on(tmp_path):
     step = torch.load(os.path.join(out, "resume.pt"), weights_only=True)["loop"]["step"]
     assert 500 <= step < 800 and f"stopped by SIGTERM at step {step:,}" in err
     assert [int(r["step"]) for r in read_progress(out)] == [400]
-    res = run_cli("--resume", out)
+    res = run_main("--resume", out)
     assert res.returncode == 0, res.stderr
     assert f"resumed at step {step:,}" in res.stdout
     assert [int(r["step"]) for r in read_progress(out)] == [400, 800]
@@ -870,15 +880,15 @@ def test_progress_log_widens_its_header_for_a_resumed_run(tmp_path):
 def test_cut_short_or_foreign_resume_file_is_refused(e2e_runs, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(e2e_runs[0], run)
-    assert refused(run_cli("--resume", str(run)), "--total-steps")
-    assert refused(run_cli("--resume", str(run), "--env", "Walker2d-v4"), "contradicts")
+    assert refused(run_main("--resume", str(run)), "--total-steps")
+    assert refused(run_main("--resume", str(run), "--env", "Walker2d-v4"), "contradicts")
     config = json.loads((run / "config.json").read_text())
     (run / "config.json").write_text(json.dumps(dict(config, seed=4)))  # resume.pt of another run
-    assert refused(run_cli("--resume", str(run), "--total-steps", "1600"), "another run")
+    assert refused(run_main("--resume", str(run), "--total-steps", "1600"), "another run")
     (run / "config.json").write_text(json.dumps(config))
     data = (run / "resume.pt").read_bytes()
     (run / "resume.pt").write_bytes(data[:len(data) // 2])
-    assert refused(run_cli("--resume", str(run), "--total-steps", "1600"), "cut short")
+    assert refused(run_main("--resume", str(run), "--total-steps", "1600"), "cut short")
 
 
 def test_readme_example_prunes_a_plain_mlp():
