@@ -627,7 +627,7 @@ def test_mismatched_checkpoint_is_refused(e2e_runs, tmp_path):
     assert refused(run_main("--eval", bad), "does not match")
     assert refused(run_main("--eval", os.path.join(e2e_runs[0], "agent.pt"), "--env", "Walker2d-v4"), "does not fit")
     res = run_main("--env", "Pendulum-v1", "--arch-from", os.path.join(e2e_runs[0], "agent.pt"),
-                  "--total-steps", "10")
+                   "--total-steps", "10")
     assert refused(res, "other observation")
 
 
