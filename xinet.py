@@ -1380,8 +1380,8 @@ def train(cfg: Config, on_eval: Optional[Callable[[int, "Agent"], None]] = None,
             loop["pretrained"] = pretrain_ofenet(agent, buffer, cfg, graphs, 0, stop)
         if step > cfg.learning_starts:
             gates_on = cfg.gates and step > gate_start and bool(agent.gated)
-            gate_step = gates_on and (step - gate_start) % cfg.gate_every == 0
-            learner(gate_step, cfg.prune_strength * min(1.0, (step - gate_start) / max(cfg.prune_ramp, 1)))
+            gate_now = gates_on and (step - gate_start) % cfg.gate_every == 0
+            learner(gate_now, cfg.prune_strength * min(1.0, (step - gate_start) / max(cfg.prune_ramp, 1)))
             if gates_on and (step - gate_start) % cfg.prune_every == 0:
                 removed = agent.prune()
                 if removed:
