@@ -604,6 +604,7 @@ def test_arch_from_builds_small_dense_agent(e2e_runs, tmp_path):
     (["--prune-strength", "nan"], "--prune-strength"),
     (["--gate-lr", "inf"], "--gate-lr"),
     (["--resume", "no/such/run"], "no/such/run"),
+    (["--learning-starts", "0"], "--pretrain-steps 0"),
 ])
 def test_user_errors_are_one_clear_sentence(args, words):
     res = run_main(*args)
