@@ -890,6 +890,7 @@ def test_cut_short_or_foreign_resume_file_is_refused(e2e_runs, tmp_path):
     data = (run / "resume.pt").read_bytes()
     (run / "resume.pt").write_bytes(data[:len(data) // 2])
     assert refused(run_main("--resume", str(run), "--total-steps", "1600"), "cut short")
+    assert refused(run_main("--eval", os.path.join(e2e_runs[0], "resume.pt")), "resume state (resume.pt); this needs an agent")
 
 
 def test_readme_example_prunes_a_plain_mlp():

@@ -897,6 +897,7 @@ def update(agent: Agent, batch, gates_on: bool = False,
 # ----------------------------------------------------------------------------------------------
 
 FORMAT, RESUME_FORMAT = "xinet-agent-1", "xinet-resume-1"
+KINDS = {FORMAT: "an agent (agent.pt)", RESUME_FORMAT: "a run's resume state (resume.pt)"}
 
 
 def write_atomically(path: str, write: Callable) -> None:
@@ -937,7 +938,8 @@ def read_checkpoint(path: str, fmt: str = FORMAT) -> dict:
     except Exception:
         raise UserError(f"{path} is not a readable xinet checkpoint (cut short or another kind of file).") from None
     if not isinstance(payload, dict) or payload.get("format") != fmt:
-        raise UserError(f"{path} is not an xinet checkpoint (format {fmt}).")
+        kind = KINDS.get(payload.get("format")) if isinstance(payload, dict) else None
+        raise UserError(f"{path} is {kind or 'not an xinet checkpoint'}; this needs {KINDS[fmt]}.")
     return payload
 
 
