@@ -5,6 +5,7 @@
     python sweep.py report sac_parity           # results/sac_parity.csv, _summary.csv, .png
     python sweep.py restore sac_parity          # a fresh machine: finished runs back from results/
     python sweep.py claims                      # results/claims.csv: every environment x agent
+    python sweep.py pairs walker2d/xinet_g10 walker2d/dense   # one minus the other, paired by seed
 
 A run lives in runs/<grid>/<config>/seed<S>. `one` (what `run` and the printed commands call)
 skips a finished run, resumes an interrupted one from its resume.pt and starts a missing one; it
@@ -280,12 +281,8 @@ def claims(results: str) -> None:
     runs, rows = {}, []
     for env, agents in CLAIMS.items():
         for agent, (grid, config) in agents.items():
-            path = os.path.join(results, f"{grid}_summary.csv")
-            if os.path.exists(path):
-                with open(path, newline="") as f:
-                    seeds = {int(r["seed"]): r for r in csv.DictReader(f) if r["config"] == config and r["seed"].isdigit()}
-                if seeds:
-                    runs[env, agent] = {s: {k: float(r[k]) for k in SUMMARY[:4]} for s, r in seeds.items()}
+            if seeds := per_seed(results, grid, config):
+                runs[env, agent] = seeds
     for (env, agent), seeds in runs.items():
         dense = runs.get((env, "dense"))
         row = {"env": env, "agent": agent, "seeds": len(seeds)}
@@ -293,12 +290,11 @@ def claims(results: str) -> None:
             row[k], row[f"{k}_lo"], row[f"{k}_hi"] = bootstrap([v[k] for v in seeds.values()])
         for k in ("params", "flops_per_action"):
             row[f"{k}_pct_dense"] = 100 * row[k] / np.mean([v[k] for v in dense.values()]) if dense else float("nan")
-        scratch = SCRATCH.get(agent)  # its architectures from scratch
-        if (env, scratch) in runs:
-            small = runs[env, scratch]
-            for k in PAIRED:
-                diffs = [seeds[s][k] - small[s][k] for s in seeds if s in small]
-                row[f"{k}_minus_small"], row[f"{k}_minus_small_lo"], row[f"{k}_minus_small_hi"] = bootstrap(diffs)
+        for other, name in ((SCRATCH.get(agent), "small"), ("dense", "dense")):  # its architectures from scratch; dense
+            if (env, other) in runs and other != agent:
+                diff = difference(seeds, runs[env, other])
+                row.update({f"{k}_minus_{name}{part}": diff[k + part] for k in PAIRED for part in ("", "_lo", "_hi", "_ahead")},
+                           **{f"seeds_paired_{name}": len(diff["seeds"])})
         rows.append(row)
     envs = [env for env in CLAIMS if (env, "dense") in runs]
     for k in PAIRED:  # normalised by the environment's dense agent (its mean over seeds)
@@ -328,6 +324,12 @@ def claims(results: str) -> None:
                 if "train_return_minus_small" in r else " | –"
             print(f"| {r['env']} | {r['agent']} | {r['seeds']} | {ci('eval_return')} | {ci('train_return')} | "
                   f"{r['params_pct_dense']:.0f}% | {r['flops_per_action_pct_dense']:.0f}%{diff} |")
+    print("\n| env | agent | minus dense, paired by seed: training return | ahead | final evaluation | ahead |\n|---|---|---|---|---|---|")
+    for r in rows:
+        if "train_return_minus_dense" in r:
+            cells = [f"{r[k + '_minus_dense']:+,.0f} [{r[k + '_minus_dense_lo']:+,.0f}, {r[k + '_minus_dense_hi']:+,.0f}] | "
+                     f"{r[k + '_minus_dense_ahead']} of {r['seeds_paired_dense']}" for k in PAIRED]
+            print(f"| {r['env']} | {r['agent']} | {' | '.join(cells)} |")
 
 
 def restore(runs: str, grid: str, results: str) -> None:
@@ -349,6 +351,45 @@ def restore(runs: str, grid: str, results: str) -> None:
 
 
 PAIRED = ("train_return", "eval_return")
+
+
+def per_seed(results: str, grid: str, config: str) -> dict[int, dict[str, float]]:
+    """One configuration's statistics of record per seed, from results/<grid>_summary.csv."""
+    path = os.path.join(results, f"{grid}_summary.csv")
+    if not os.path.exists(path):
+        return {}
+    with open(path, newline="") as f:
+        return {int(r["seed"]): {k: float(r[k]) for k in SUMMARY[:4]}
+                for r in csv.DictReader(f) if r["config"] == config and r["seed"].isdigit()}
+
+
+def difference(a: dict[int, dict], b: dict[int, dict]) -> dict:
+    """a - b paired by seed, over the seeds both have (in a's order): per statistic of record the
+    differences, their mean with a 95% bootstrap interval, and on how many seeds a is ahead."""
+    seeds = [s for s in a if s in b]
+    out = {"seeds": seeds}
+    for k in PAIRED:
+        d = [a[s][k] - b[s][k] for s in seeds]
+        out[k], out[f"{k}_lo"], out[f"{k}_hi"] = bootstrap(d)
+        out[f"{k}_ahead"], out[f"{k}_per_seed"] = sum(x > 0 for x in d), dict(zip(seeds, d))
+    return out
+
+
+def pairs(results: str, a: str, b: str) -> None:
+    """`pairs GRID/CONFIG GRID/CONFIG`: the first minus the second, paired by seed, as the README's
+    paired statements are computed (e.g. XiNet - dense, or one learning rate against another)."""
+    runs = []
+    for spec in (a, b):
+        grid, _, config = spec.partition("/")
+        runs.append(per_seed(results, grid, config))
+        if not runs[-1]:
+            sys.exit(f"sweep: no finished run of {spec} in {results} (GRID/CONFIG, e.g. walker2d/dense).")
+    diff = difference(*runs)
+    for k in PAIRED:
+        seeds, base = diff[f"{k}_per_seed"], np.mean([runs[1][s][k] for s in diff[f"{k}_per_seed"]])
+        print(f"{a} - {b}, {k}, seeds {', '.join(map(str, seeds))}: {diff[k]:+,.0f} [{diff[k + '_lo']:+,.0f}, "
+              f"{diff[k + '_hi']:+,.0f}] ({100 * diff[k] / base:+.1f}% of the second), ahead on {diff[k + '_ahead']} "
+              f"of {len(seeds)}; per seed {', '.join(f'{v:+,.0f}' for v in seeds.values())}")
 
 
 def paired(summary: list[dict], g: Grid) -> list[dict]:
@@ -439,9 +480,9 @@ def plot(curves: list[dict], summary: list[dict], g: Grid, path: str) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="sweep.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("action", choices=("run", "commands", "report", "one", "restore", "claims"))
-    p.add_argument("grid", nargs="?", choices=sorted(GRIDS), help="every action but claims")
-    p.add_argument("config", nargs="?", help="for one: the configuration")
+    p.add_argument("action", choices=("run", "commands", "report", "one", "restore", "claims", "pairs"))
+    p.add_argument("grid", nargs="?", help=f"every action but claims: one of {', '.join(GRIDS)}; pairs: GRID/CONFIG")
+    p.add_argument("config", nargs="?", help="one: the configuration; pairs: the GRID/CONFIG subtracted")
     p.add_argument("seed", nargs="?", type=int, help="for one: the seed")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each (run)")
     p.add_argument("--runs", default=os.path.join(HERE, "runs"), help="where run directories live")
@@ -449,8 +490,12 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.action == "claims":
         return claims(a.results) or 0
-    if a.grid is None:
-        p.error(f"{a.action} takes a grid")
+    if a.action == "pairs":
+        if a.config is None:
+            p.error("pairs takes two GRID/CONFIG, e.g. walker2d/xinet_g10 walker2d/dense")
+        return pairs(a.results, a.grid, a.config) or 0
+    if a.grid not in GRIDS:
+        p.error(f"{a.action} takes a grid: one of {', '.join(GRIDS)}")
     g = GRIDS[a.grid]
     todo = [(c, s) for s in g.seeds for c in g.configs if s in g.seeds_of(c)]  # every config gets seed 1 first
     phases = [[cs for cs in todo if cs[0] not in g.arch_from], [cs for cs in todo if cs[0] in g.arch_from]]

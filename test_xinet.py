@@ -1112,10 +1112,25 @@ def test_sweep_missing_results_folder_is_one_sentence(tmp_path):
                        "No such file or directory")
 
 
-def test_sweep_claims_statistics():
+def test_sweep_claims_statistics(tmp_path, capsys):
     import sweep
     assert sweep.iqm([100, 2, 3, 4, -50]) == 3.0  # the middle half of five: 2, 3, 4
     assert sweep.prob_improvement([2, 3], [1, 3]) == pytest.approx((1 + 0 + 1 + 0.5) / 4)  # a tie counts half
     value, lo, hi = sweep.stratified(lambda d: float(np.mean([a.mean() for a, in d.values()])),
                                      {"e1": (np.array([1.0, 2.0, 3.0]),), "e2": (np.array([5.0, 5.0]),)}, reps=500)
     assert value == pytest.approx(3.5) and lo <= value <= hi and hi - lo < 2  # e2 never varies
+    a = {s: {"train_return": r, "eval_return": 2 * r} for s, r in ((1, 10.0), (2, 30.0), (3, 5.0))}
+    b = {s: {"train_return": r, "eval_return": r} for s, r in ((3, 6.0), (2, 10.0), (4, 0.0))}
+    diff = sweep.difference(a, b)  # paired on seeds 2 and 3 only, in a's order
+    assert diff["seeds"] == [2, 3] and diff["train_return_per_seed"] == {2: 20.0, 3: -1.0}
+    assert diff["train_return"] == pytest.approx(9.5) and diff["train_return_ahead"] == 1
+    assert diff["train_return_lo"] == pytest.approx(-1.0) and diff["train_return_hi"] == pytest.approx(20.0)
+    assert diff["eval_return"] == pytest.approx((50 + 4) / 2) and diff["eval_return_ahead"] == 2
+    stats = dict(params=1.0, flops_per_action=1.0)
+    sweep.write_csv(str(tmp_path / "hopper_summary.csv"), [
+        *[{"config": "dense", "seed": s, "train_return": r, "eval_return": r, **stats} for s, r in ((1, 5.0), (2, 7.0))],
+        *[{"config": "flip_g30", "seed": s, "train_return": r, "eval_return": r, **stats} for s, r in ((1, 8.0), (2, 6.0))]])
+    sweep.claims(str(tmp_path))  # XiNet - dense, paired by seed: +3 and -1
+    xinet = next(r for r in csv.DictReader(open(tmp_path / "claims.csv")) if r["agent"] == "xinet")
+    assert float(xinet["train_return_minus_dense"]) == pytest.approx(1.0) and xinet["train_return_minus_dense_ahead"] == "1"
+    assert "| Hopper-v4 | xinet | +1 [-1, +3] | 1 of 2 |" in capsys.readouterr().out
