@@ -594,6 +594,7 @@ def test_arch_from_builds_small_dense_agent(e2e_runs, tmp_path):
     (["--env", "CartPole-v1"], "Discrete"),
     (["--total-steps", "0"], "--total-steps"),
     (["--batch-size", "-3"], "--batch-size"),
+    (["--batch-size", "1"], "--batch-size 2 or more"),
     (["--seed", "-5"], "--seed"),
     (["--seed", str(2**32)], "--seed"),
     (["--gate", "ofenet,brain"], "--gate"),

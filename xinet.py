@@ -167,6 +167,8 @@ def validate(cfg: Config) -> Config:
     have = [n for n in NETWORKS if cfg.ofenet or n != "ofenet"]
     if cfg.gates and not set(cfg.gate.split(",")) & set(have):
         raise UserError(f"--gate names none of this agent's networks ({', '.join(have)}); --no-gates trains it dense.")
+    if cfg.ofenet and cfg.batch_size < 2:
+        raise UserError("OFENet's BatchNorm needs two examples or more per batch: set --batch-size 2 or more, or --no-ofenet.")
     if cfg.ofenet and cfg.pretrain_steps and not cfg.learning_starts:
         raise UserError("OFENet pre-trains on the random steps' data: with --learning-starts 0, set --pretrain-steps 0.")
     if cfg.device == "cuda" and not torch.cuda.is_available():
