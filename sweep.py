@@ -110,7 +110,7 @@ GRIDS = {
     # (dense, the default and its twins first: pruned - scratch was unresolved on five). Then the
     # dense agent and the default at 1e-3 (both higher rates beat 3e-4 for plain SAC here): do
     # they gain alike? A screen on seeds 1-2 (the default gained in training return on both),
-    # confirmed on seeds 3-7.
+    # then seeds 3-7 to confirm or refute it.
     "walker2d": Grid({**BEYOND, "sac_lr1e3": f"{SAC} {LR1E3}", "sac_fast": SAC_FAST, **G10,
                       "dense_lr1e3": f"--no-gates {LR1E3}", "xinet_g10_lr1e3": f"{G10['xinet_g10']} {LR1E3}"},
                      seeds=(1, 2, 3, 4, 5, 6, 7),
