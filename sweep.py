@@ -385,6 +385,8 @@ def pairs(results: str, a: str, b: str) -> None:
         runs.append(per_seed(results, grid, config))
         if not runs[-1]:
             sys.exit(f"sweep: no finished run of {spec} in {results} (GRID/CONFIG, e.g. walker2d/dense).")
+    if not runs[0].keys() & runs[1].keys():
+        sys.exit(f"sweep: {a} and {b} share no seed to pair.")
     diff = difference(*runs)
     for k in PAIRED:
         seeds, base = diff[f"{k}_per_seed"], np.mean([runs[1][s][k] for s in diff[f"{k}_per_seed"]])

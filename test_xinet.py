@@ -1135,3 +1135,7 @@ def test_sweep_claims_statistics(tmp_path, capsys):
     xinet = next(r for r in csv.DictReader(open(tmp_path / "claims.csv")) if r["agent"] == "xinet")
     assert float(xinet["train_return_minus_dense"]) == pytest.approx(1.0) and xinet["train_return_minus_dense_ahead"] == "1"
     assert "| Hopper-v4 | xinet | +1 [-1, +3] | 1 of 2 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="share no seed"):  # dense's seeds 1-2 against none of them
+        sweep.write_csv(str(tmp_path / "walker2d_summary.csv"), [{"config": "sac", "seed": 3, "train_return": 1.0,
+                                                                   "eval_return": 1.0, **stats}])
+        sweep.pairs(str(tmp_path), "hopper/dense", "walker2d/sac")
